@@ -1,0 +1,176 @@
+"""Command line: ``python -m headless COMMAND ...`` (see ``--help``).
+
+Each subcommand is one function decorated with :func:`command`, which receives the subparsers object,
+adds its parser and sets ``func`` to the function that runs it (returning the exit code).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .client import run_workflow
+from .convert import load_workflow
+from .errors import HeadlessError, ServerError, WorkflowError
+from .overrides import parse_override
+from .server import DEFAULT_STARTUP_TIMEOUT, ServerProcess, default_comfyui_dir
+
+EXIT_OK, EXIT_WORKFLOW, EXIT_USAGE, EXIT_SERVER, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def command(add: Callable[[argparse._SubParsersAction], None]) -> Callable:
+    """Register a function that adds one subcommand's parser."""
+    COMMANDS.append(add)
+    return add
+
+
+def err(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------ shared server options
+
+def add_server_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("server")
+    group.add_argument("--server", metavar="URL",
+                       help="use a running ComfyUI at URL (e.g. http://127.0.0.1:8188) instead of starting one")
+    group.add_argument("--comfyui", metavar="DIR", type=Path,
+                       help="ComfyUI folder to start (default: $COMFYUI_DIR, else <repo>/.host/ComfyUI)")
+    group.add_argument("--host-arg", metavar="ARG", action="append", default=[], dest="host_args",
+                       help="extra argument for ComfyUI's main.py, repeatable; write it with '=', e.g. "
+                            "--host-arg=--output-directory=/tmp/out")
+    group.add_argument("--startup-timeout", metavar="SECONDS", type=float, default=DEFAULT_STARTUP_TIMEOUT,
+                       help="how long to wait for the started server to answer (default: %(default)g)")
+    group.add_argument("--server-log", metavar="FILE", type=Path,
+                       help="write the started server's log here (default: a temporary file, kept on failure)")
+
+
+@contextlib.contextmanager
+def server_from_args(args: argparse.Namespace, quiet: bool = False) -> Iterator[tuple[str, ServerProcess | None]]:
+    """Yields (base URL, the started ServerProcess or None for --server); stops the server on exit."""
+    if args.server:
+        yield args.server.rstrip("/"), None
+        return
+    server = ServerProcess(args.comfyui or default_comfyui_dir(), host_args=args.host_args, log_path=args.server_log)
+    if not quiet:
+        err(f"starting ComfyUI from {server.comfyui_dir} on {server.url} (log: {server.log_path})")
+    ok = False
+    try:
+        server.start(args.startup_timeout)
+        if not quiet:
+            err(f"server ready in {server.startup_seconds:.1f} s")
+        yield server.url, server
+        ok = True
+    except KeyboardInterrupt:
+        ok = True  # asked to stop: nothing to diagnose in the log
+        raise
+    finally:
+        server.stop()
+        if ok:
+            server.cleanup_log()
+        elif server.log_path.exists():
+            err(f"server log kept at {server.log_path}")
+
+
+def _raise_on_sigterm() -> None:
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    with contextlib.suppress(ValueError):  # not the main thread
+        signal.signal(signal.SIGTERM, handler)
+
+
+# ------------------------------------------------------------------------------------ run
+
+@command
+def add_run_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "run", help="run a workflow on ComfyUI and download its outputs",
+        description="Run a workflow (API or UI format JSON) on a ComfyUI server started for the purpose (or on "
+                    "--server), show its progress on stderr, download every output file into --out and print "
+                    "the saved paths on stdout, one per line.",
+        epilog="exit codes: 0 done, 1 the workflow failed (conversion, validation, execution, timeout), "
+               "2 bad usage, 3 the server failed, 130 interrupted")
+    parser.add_argument("workflow", type=Path, help="workflow JSON file, API or UI format ('-' reads stdin)")
+    parser.add_argument("--set", metavar="NODE.INPUT=VALUE", action="append", default=[], dest="overrides",
+                        help="override an input, repeatable; NODE is a node id, title or class type (when unique); "
+                             "VALUE is read as JSON when it parses, else as a string")
+    parser.add_argument("--out", metavar="DIR", type=Path, default=Path("output"),
+                        help="where to save the outputs, the server's subfolders kept (default: %(default)s)")
+    parser.add_argument("--timeout", metavar="SECONDS", type=float, default=None,
+                        help="give up (and cancel the prompt) after this long (default: no limit)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="on an execution error, also show the node's inputs and the server's traceback")
+    add_server_options(parser)
+    parser.set_defaults(func=cmd_run)
+
+
+def _load(path: Path) -> dict:
+    if str(path) == "-":
+        try:
+            data = json.load(sys.stdin)
+        except json.JSONDecodeError as ex:
+            raise WorkflowError(f"stdin is not valid JSON: {ex}", kind="conversion") from None
+        if not isinstance(data, dict):
+            raise WorkflowError("stdin does not hold a JSON object", kind="conversion")
+        return data
+    return load_workflow(path)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    _raise_on_sigterm()
+    server = None
+    try:
+        workflow = _load(args.workflow)
+        for text in args.overrides:  # syntax errors before the slow start
+            parse_override(text)
+        with server_from_args(args, quiet=args.quiet) as (url, server):
+            began = time.monotonic()
+            paths = run_workflow(url, workflow, args.overrides, args.out, args.timeout, progress=not args.quiet,
+                                 verbose=args.verbose)
+            if not args.quiet:
+                err(f"done in {time.monotonic() - began:.1f} s, {len(paths)} file(s) saved under {args.out}")
+        for path in paths:
+            print(path, flush=True)
+        return EXIT_OK
+    except WorkflowError as ex:
+        err(f"error: {ex}")
+        if ex.kind == "connection" and server is not None and not server.alive():
+            err(f"the server exited (code {server.proc.returncode}); last lines of its log:\n{server.log_tail()}")
+        return EXIT_WORKFLOW
+    except ServerError as ex:
+        err(f"error: {ex}")
+        return EXIT_SERVER
+    except HeadlessError as ex:
+        err(f"error: {ex}")
+        return EXIT_WORKFLOW
+    except KeyboardInterrupt:
+        err("interrupted")
+        return EXIT_INTERRUPTED
+
+
+# ------------------------------------------------------------------------------------ entry point
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m headless",
+                                     description="Run ComfyUI workflows from the command line, without a browser.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Host glue: everything that knows ComfyUI (its ModelPatcher, UNet classes, folders)."""

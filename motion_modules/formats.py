@@ -1,0 +1,211 @@
+"""Reading motion-module files safely and telling what they are.
+
+The published files (formats.md in the team's shared docs) are ``.ckpt``/``.pt``/``.pth`` pickles or
+``.safetensors``, fp32/fp16/bf16, flat or wrapped in ``{"state_dict": ...}``, sometimes with ``module.``
+prefixes or non-tensor entries. Every AnimateDiff family shares one key grammar; the family is read from
+which blocks exist, the channel widths and the positional-encoding length. Files of other kinds that users
+pick by mistake are named in the error, with where they belong.
+"""
+from __future__ import annotations
+
+import pickle
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from .motion_module import MotionModule, MotionModuleConfig
+from .temporal_transformer import PositionalEncoding, sinusoidal_encoding
+
+
+class MotionModuleError(ValueError):
+    """A file that cannot be used as a motion module; the message names the file, the reason and the fix."""
+
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
+SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+MOTION_KEY = re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.motion_modules\.(\d+)\.")
+NORM_KEY = re.compile(r"^(?:(down|up)_blocks\.(\d+)|mid_block)\.motion_modules\.(\d+)\.temporal_transformer\.norm\.weight$")
+HOTSHOT_KEY = re.compile(r"^((?:down|up)_blocks\.\d+)\.temporal_attentions\.(\d+)\.")
+ANIMATELCM_MAX_FRAMES = 64  # AnimateLCM files carry no encoding; its code uses a 64-long table
+
+SD15 = dict(down=((320, 320), (640, 640), (1280, 1280), (1280, 1280)),
+            up=((1280,) * 3, (1280,) * 3, (640,) * 3, (320,) * 3))
+SDXL = dict(down=((320, 320), (640, 640), (1280, 1280)), up=((1280,) * 3, (640,) * 3, (320,) * 3))
+
+# The published layouts, for building files (tests, the demo job, training from scratch).
+LAYOUTS = {
+    "AnimateDiff v1": MotionModuleConfig("AnimateDiff v1", "SD1.5", mid=(), max_frames=24, **SD15),
+    "AnimateDiff v2": MotionModuleConfig("AnimateDiff v2", "SD1.5", mid=(1280,), max_frames=32, **SD15),
+    "AnimateDiff v3": MotionModuleConfig("AnimateDiff v3", "SD1.5", mid=(), max_frames=32, **SD15),
+    "AnimateLCM": MotionModuleConfig("AnimateLCM", "SD1.5", mid=(1280,), max_frames=ANIMATELCM_MAX_FRAMES,
+                                     pe_in_file=False, **SD15),
+    "AnimateDiff SDXL beta": MotionModuleConfig("AnimateDiff SDXL beta", "SDXL", mid=(), max_frames=32,
+                                                norm_across_frames=True, **SDXL),
+    "HotshotXL": MotionModuleConfig("HotshotXL", "SDXL", mid=(), max_frames=24, **SDXL),
+}
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Tensors of a checkpoint file, unwrapped; pickles load with ``weights_only`` so no code runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise MotionModuleError(f"{path}: no such file.")
+    if path.suffix.lower() not in SUFFIXES:
+        raise MotionModuleError(f"{path.name}: unknown file type {path.suffix!r}; motion modules are {', '.join(SUFFIXES)} files.")
+    if path.stat().st_size == 0:
+        raise MotionModuleError(f"{path.name}: the file is empty (0 bytes). Download it again.")
+    try:
+        if path.suffix.lower() == ".safetensors":
+            obj = load_file(path)
+        else:
+            obj = _load_pickle(path)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise MotionModuleError(
+            f"{path.name}: refused to load. The pickle holds objects other than tensors, and loading it could run "
+            f"code ({reason}). Use a .safetensors copy of this model, or only load .ckpt files from sources you trust "
+            f"after converting them to .safetensors.") from None
+    except Exception as e:  # truncated zip, bad header, not a checkpoint at all: all read as "damaged file"
+        raise MotionModuleError(
+            f"{path.name}: cannot be read as a {path.suffix} checkpoint ({type(e).__name__}: {e}). "
+            "The file is probably truncated (an interrupted download) or not a model file; download it again.") from None
+    return _unwrap(obj, path.name)
+
+
+def _load_pickle(path: Path):
+    try:  # mmap keeps a single copy of the weights: the module takes the mapped tensors as they are
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)  # pre-1.6 (non-zip) pickles
+
+
+def _unwrap(obj, name: str) -> dict[str, Tensor]:
+    while isinstance(obj, dict):
+        if isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]
+        elif len(obj) == 1 and isinstance(next(iter(obj.values())), dict):  # e.g. {"module": {...}}
+            obj = next(iter(obj.values()))
+        else:
+            break
+    if not isinstance(obj, dict):
+        raise MotionModuleError(f"{name}: holds a {type(obj).__name__}, not a dictionary of weights.")
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}  # drops e.g. animatediff_config
+    # AnimateDiff's own train.py saves the DDP-wrapped UNet: every key starts with "module.".
+    if tensors and all(k.startswith("module.") for k in tensors):
+        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    # HotshotXL names its modules temporal_attentions.N and its table positional_encoding.
+    if any(HOTSHOT_KEY.match(k) for k in tensors):
+        tensors = {HOTSHOT_KEY.sub(r"\1.motion_modules.\2.temporal_transformer.", k)
+                   .replace("pos_encoder.positional_encoding", "pos_encoder.pe"): v for k, v in tensors.items()}
+        tensors["__hotshot__"] = torch.empty(0)  # remembered for detect(); dropped before loading
+    return tensors
+
+
+def _not_a_motion_module(sd: dict[str, Tensor]) -> str | None:
+    """What a file that is not a motion module is, and where it belongs; None for a motion module."""
+    keys = list(sd)
+    def has(pred) -> bool:
+        return any(pred(k) for k in keys)
+    if has(lambda k: k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner."))):
+        return "a Stable Diffusion checkpoint. Put it in models/checkpoints and load it with Load Checkpoint"
+    if has(lambda k: k.startswith(("controlnet_cond_embedding", "controlnet_down_blocks"))):
+        return ("a SparseCtrl model (a ControlNet for AnimateDiff v3). Put it in models/controlnet and load it with a "
+                "ControlNet loader that supports SparseCtrl")
+    if has(lambda k: "img_encoder." in k):
+        return "an AnimateLCM-I2V model (image-to-video), which this version does not support yet"
+    if "conv_in.weight" in sd:
+        return "a PIA model (image-to-video with a 9-channel input), which this version does not support yet"
+    if has(lambda k: "qkv_merge" in k):
+        return "a CameraCtrl motion module, which this version does not support yet"
+    lora = has(lambda k: "_lora." in k or ".lora_" in k or k.startswith(("lora_unet_", "lora_te")) or ".lora_A." in k)
+    if lora and has(lambda k: "motion_modules." in k):
+        return "a motion LoRA. Put it in models/animatediff_motion_lora; it is applied on top of a motion module"
+    if lora:
+        return ("a LoRA for the image model (the AnimateDiff v3 domain adapter is one). Put it in models/loras and "
+                "apply it with Load LoRA")
+    if not has(MOTION_KEY.match):
+        sample = ", ".join(keys[:3]) or "no tensors at all"
+        return f"not an AnimateDiff motion module (no 'motion_modules' keys; first keys: {sample})"
+    return None
+
+
+def detect(sd: dict[str, Tensor], name: str) -> MotionModuleConfig:
+    """Family, base and shape of a motion-module state dict, or MotionModuleError saying what the file is."""
+    what = _not_a_motion_module(sd)
+    if what:
+        raise MotionModuleError(f"{name}: this file is {what}.")
+    widths: dict[tuple[str, int], dict[int, int]] = defaultdict(dict)
+    for key, value in sd.items():
+        m = NORM_KEY.match(key)
+        if m:
+            kind, index, j = m.group(1) or "mid", int(m.group(2) or 0), int(m.group(3))
+            widths[(kind, index)][j] = value.shape[0]
+
+    def blocks(kind: str) -> tuple[tuple[int, ...], ...]:
+        found = sorted(i for k, i in widths if k == kind)
+        if found != list(range(len(found))):
+            raise MotionModuleError(f"{name}: {kind} blocks {found} are not numbered 0..n; the file is damaged.")
+        return tuple(tuple(widths[(kind, i)][j] for j in sorted(widths[(kind, i)])) for i in found)
+
+    down, up, mid = blocks("down"), blocks("up"), blocks("mid")
+    base = {4: "SD1.5", 3: "SDXL"}.get(len(down))
+    if base is None or len(up) != len(down):
+        raise MotionModuleError(f"{name}: {len(down)} down and {len(up)} up blocks match neither SD1.5 (4) nor SDXL (3).")
+    pe = next((v for k, v in sd.items() if k.endswith("pos_encoder.pe")), None)
+    if "__hotshot__" in sd:
+        family = "HotshotXL"
+    elif base == "SDXL":
+        family = "AnimateDiff SDXL beta"
+    elif pe is None:
+        family = "AnimateLCM"
+    elif mid:
+        family = "AnimateDiff v2"
+    else:
+        family = "AnimateDiff v1" if pe.shape[1] == 24 else "AnimateDiff v3"
+    layout = LAYOUTS[family]
+    return MotionModuleConfig(
+        family, base, down=down, mid=mid[0] if mid else (), up=up,
+        max_frames=pe.shape[1] if pe is not None else ANIMATELCM_MAX_FRAMES,
+        heads=layout.heads, norm_across_frames=layout.norm_across_frames, pe_in_file=pe is not None,
+        extra={"name": name})
+
+
+def build_module(sd: dict[str, Tensor], config: MotionModuleConfig, ops=nn) -> MotionModule:
+    """The module holding the given tensors themselves (no copy): built on the meta device, then assigned."""
+    name = config.extra.get("name", "motion module")
+    weights = {k: v for k, v in sd.items() if MOTION_KEY.match(k)}
+    with torch.device("meta"):
+        module = MotionModule(config, ops)
+    try:
+        missing, unexpected = module.load_state_dict(weights, strict=False, assign=True)
+    except RuntimeError as e:
+        raise MotionModuleError(f"{name}: tensor shapes do not match the {config.family} layout ({e}).") from None
+    if not config.pe_in_file:
+        missing = [k for k in missing if not k.endswith("pos_encoder.pe")]
+    if missing or unexpected:
+        raise MotionModuleError(
+            f"{name}: keys do not match the {config.family} layout (missing: {missing[:3]}, unexpected: "
+            f"{unexpected[:3]}). The file is damaged or a variant this version does not know.")
+    for encoding in module.modules():
+        if isinstance(encoding, PositionalEncoding) and encoding.pe.is_meta:
+            encoding.pe = sinusoidal_encoding(config.max_frames, encoding.pe.shape[-1])
+    return module.eval().requires_grad_(False)
+
+
+def load_motion_module(path: str | Path, ops=nn) -> MotionModule:
+    sd = read_state_dict(path)
+    return build_module(sd, detect(sd, Path(path).name), ops)
+
+
+def published_state_dict(module: MotionModule) -> dict[str, Tensor]:
+    """Keys and tensors exactly as the published files lay them out (HotshotXL saved in AnimateDiff names)."""
+    sd = module.state_dict()
+    if not module.config.pe_in_file:
+        sd = {k: v for k, v in sd.items() if not k.endswith("pos_encoder.pe")}
+    return sd
