@@ -156,6 +156,50 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
 
 
+# ------------------------------------------------------------------------------------ demo: the main job
+
+DEMO_WORKFLOW = Path(__file__).resolve().parents[1] / "workflows" / "txt2vid_api.json"
+CPU_SIZE = ["Frames.width=64", "Frames.height=64", "Frames.batch_size=8", "KSampler.steps=4"]
+
+
+@command
+def add_demo_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo", help="render the text-to-video workflow with the models this ComfyUI has (or random stand-ins)",
+        description="Run workflows/txt2vid_api.json on the embedded (or --comfyui) ComfyUI. Uses the first "
+                    "checkpoint and motion module in its models folders; when there are none, creates clearly "
+                    "labelled random-weight files with the real SD1.5 and AnimateDiff v2 layouts, once.")
+    parser.add_argument("--out", metavar="DIR", type=Path, default=Path("output"), help="default: %(default)s")
+    parser.add_argument("--full", action="store_true",
+                        help="the workflow's own size (16 frames, 512x512, 20 steps) even without a GPU")
+    parser.add_argument("--set", metavar="NODE.INPUT=VALUE", action="append", default=[], dest="overrides",
+                        help="override an input, as for run")
+    add_server_options(parser)
+    parser.set_defaults(func=cmd_demo, workflow=DEMO_WORKFLOW, timeout=None, quiet=False, verbose=False)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    comfyui = Path(args.comfyui or default_comfyui_dir())
+    sys.path.insert(0, str(comfyui))  # the random checkpoint is built from the host's own model classes
+    from comfy.cli_args import args as host_args
+    from .server import cuda_available
+    host_args.cpu = not cuda_available()
+    from .demo_models import pick_models
+
+    models, random = pick_models(comfyui / "models")
+    if random:
+        err(f"no real models in {comfyui / 'models'}: using RANDOM-WEIGHT stand-ins with the real layouts "
+            f"({models['checkpoint']}, {models['motion_module']}). The clip will be noise.")
+    else:
+        err(f"using {models['checkpoint']} and {models['motion_module']}")
+    small = [] if args.full or cuda_available() else CPU_SIZE
+    if small:
+        err("no GPU: rendering 8 frames at 64x64 in 4 steps (--full for the workflow's own size)")
+    args.overrides = [f"1.ckpt_name={models['checkpoint']}", f"2.model_name={models['motion_module']}",
+                      *small, *args.overrides]
+    return cmd_run(args)
+
+
 # ------------------------------------------------------------------------------------ entry point
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,8 +17,8 @@ LABEL = {"description": "RANDOM WEIGHTS with the real key layout, made for testi
 
 def _random_like(name: str, t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Weights whose activations neither vanish nor explode: 1/sqrt(fan_in) matrices, unit norms, zero biases."""
-    if t.dim() == 1:
-        return (torch.ones if name.endswith("weight") and "norm" in name else torch.zeros)(t.shape, dtype=torch.float16)
+    if t.dim() == 1:  # every 1-D weight here is a norm's scale (in_layers.0, out.0, norm1, ...)
+        return (torch.ones if name.endswith("weight") else torch.zeros)(t.shape, dtype=torch.float16)
     fan_in = math.prod(t.shape[1:])
     return (torch.randn(t.shape, generator=generator) / math.sqrt(fan_in)).half()
 
@@ -53,7 +53,10 @@ def sd15_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def motion_module_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
-    from ..motion_modules import LAYOUTS, MotionModule, published_state_dict, sinusoidal_encoding
+    try:
+        from ..motion_modules import LAYOUTS, MotionModule, published_state_dict, sinusoidal_encoding
+    except ImportError:  # run as `python -m headless` from the repository root: motion_modules is top level
+        from motion_modules import LAYOUTS, MotionModule, published_state_dict, sinusoidal_encoding
 
     with torch.device("meta"):
         meta = published_state_dict(MotionModule(LAYOUTS["AnimateDiff v2"]))
@@ -77,3 +80,19 @@ def ensure_random_models(models_dir: Path) -> dict[str, Path]:
             path.parent.mkdir(parents=True, exist_ok=True)
             _save(sd15_state_dict() if kind == "checkpoint" else motion_module_state_dict(), path)
     return paths
+
+
+def pick_models(models_dir: Path) -> tuple[dict[str, str], bool]:
+    """A real checkpoint and motion module from models_dir when there are some, else the random stand-ins
+    (created once). Returns ({"checkpoint": name, "motion_module": name}, whether random ones are used)."""
+    folders = {"checkpoint": "checkpoints", "motion_module": "animatediff_models"}
+    found = {}
+    for kind, folder in folders.items():
+        files = sorted(p.name for p in (Path(models_dir) / folder).glob("*")
+                       if p.suffix in (".safetensors", ".ckpt", ".pt", ".pth") and not p.name.startswith("RANDOM-WEIGHTS"))
+        if files:
+            found[kind] = files[0]
+    if len(found) == len(folders):
+        return found, False
+    paths = ensure_random_models(models_dir)
+    return {kind: paths[kind].name for kind in folders}, True

@@ -39,7 +39,8 @@ fi
 
 if [ -z "${COMFYUI_DIR:-}" ] && [ ! -f .venv/.host-requirements-done ]; then
   grep -viE '^\s*(torch|torchvision|torchaudio)\s*([<>=!~].*)?$' "$host/requirements.txt" > .venv/host-requirements.txt
-  "${pip[@]}" -c .venv/constraints.txt -r .venv/host-requirements.txt
+  # ComfyUI 0.3.75 imports requests at start-up (app/frontend_management.py) without listing it.
+  "${pip[@]}" -c .venv/constraints.txt -r .venv/host-requirements.txt requests
   touch .venv/.host-requirements-done
 fi
 "${pip[@]}" -c .venv/constraints.txt -r requirements-dev.txt

@@ -103,6 +103,13 @@ def test_validation_error_names_node_class_and_input_and_server_goes_on(server, 
     assert len(paths) == 1 and paths[0].is_file()
 
 
+def test_timeout_cancels_and_reports(server, tmp_path):
+    with pytest.raises(WorkflowError) as info:
+        run_workflow(server, api_graph(batch=1, prefix="adm_e2e/late"), out_dir=tmp_path, timeout=0.001)
+    assert info.value.kind == "timeout" and "Timed out after 0.001 s" in str(info.value)
+    assert run_workflow(server, api_graph(batch=1, prefix="adm_e2e/next"), out_dir=tmp_path, timeout=120)
+
+
 def test_unknown_override_target_is_refused_before_queueing(server, tmp_path):
     with pytest.raises(WorkflowError, match="matches no node"):
         run_workflow(server, api_graph(), ["KSampler.seed=1"], out_dir=tmp_path, timeout=30)

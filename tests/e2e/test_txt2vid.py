@@ -73,6 +73,6 @@ def test_bad_inputs_are_refused_readably_and_the_server_keeps_serving(server, tm
         run(server, tmp_path, overrides=["2.model_name=not_a_motion_module.safetensors"])
     limit = LAYOUTS["AnimateDiff v2"].max_frames
     with pytest.raises(WorkflowError, match=rf"{limit + 1} frames.*at most {limit}.*context windows"):
-        run(server, tmp_path, overrides=[f"6.batch_size={limit + 1}", "6.width=8", "6.height=8"])
+        run(server, tmp_path, overrides=[f"6.batch_size={limit + 1}", "6.width=16", "6.height=16"])
     frames, _ = run(server, tmp_path / "after")
     assert frames.shape[0] == 8

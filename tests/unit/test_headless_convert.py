@@ -1,5 +1,6 @@
 """The headless runner's pure parts: UI -> API conversion, --set overrides, error rendering."""
 import copy
+import io
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from headless.client import local_path, output_files  # noqa: E402
 from headless.convert import to_api, ui_to_api, workflow_format  # noqa: E402
 from headless.errors import WorkflowError, render_execution_error, render_prompt_error  # noqa: E402
 from headless.overrides import apply_overrides, parse_override, parse_value  # noqa: E402
+from headless.progress import ConsoleProgress  # noqa: E402
 
 # A small /object_info, shaped like the host's.
 OBJECT_INFO = {
@@ -313,3 +315,17 @@ def test_cli_has_run_and_reports_a_missing_file(tmp_path, capsys):
     bad.write_text('{"1": {"class_type": "X", "inputs": {}}}')
     assert main(["run", str(bad), "--set", "oops"]) == 1  # override syntax is checked before any server start
     assert "NODE.INPUT=VALUE" in capsys.readouterr().err
+
+
+def test_console_progress_without_a_terminal():
+    stream = io.StringIO()
+    shown = ConsoleProgress({"3": {"class_type": "KSampler", "_meta": {"title": "Sampler"}},
+                             "4": {"class_type": "VAEDecode", "_meta": {"title": "VAEDecode"}}}, stream=stream)
+    shown.start("p1")
+    shown.cached(["4"])
+    shown.executing("3")
+    for step in range(1, 4):
+        shown.step("3", step, 3)
+    shown.close()
+    assert stream.getvalue().splitlines() == ["queued prompt p1 (2 nodes)", "cached: 4 (VAEDecode)",
+                                              'executing 3 (KSampler "Sampler")', "  3/3 steps"]
