@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .extension import import_extension_module
+
 CHECKPOINT = "RANDOM-WEIGHTS_sd15_for-testing.safetensors"
 MOTION_MODULE = "RANDOM-WEIGHTS_mm_sd_v15_v2_for-testing.safetensors"
 LABEL = {"description": "RANDOM WEIGHTS with the real key layout, made for testing the pipeline; produces noise."}
@@ -53,15 +55,11 @@ def sd15_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def motion_module_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
-    try:
-        from ..motion_modules import LAYOUTS, MotionModule, published_state_dict, sinusoidal_encoding
-    except ImportError:  # run as `python -m headless` from the repository root: motion_modules is top level
-        from motion_modules import LAYOUTS, MotionModule, published_state_dict, sinusoidal_encoding
-
+    mm = import_extension_module("motion_modules")
     with torch.device("meta"):
-        meta = published_state_dict(MotionModule(LAYOUTS["AnimateDiff v2"]))
+        meta = mm.published_state_dict(mm.MotionModule(mm.LAYOUTS["AnimateDiff v2"]))
     generator = torch.Generator().manual_seed(seed)
-    return {k: sinusoidal_encoding(v.shape[1], v.shape[2]).half() if k.endswith("pos_encoder.pe")
+    return {k: mm.sinusoidal_encoding(v.shape[1], v.shape[2]).half() if k.endswith("pos_encoder.pe")
             else _random_like(k, v, generator) for k, v in meta.items()}
 
 
