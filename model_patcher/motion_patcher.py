@@ -1,23 +1,35 @@
 """A motion module inside the host: its own ModelPatcher (so the host loads, offloads and counts it like any
 model), and a clone of MODEL that inserts it into the UNet at patch time and removes it at unpatch time.
 
-Everything goes through the ModelPatcher's keyed extension points under one key; the MODEL passed in is
-never modified, and nothing global is touched.
+Everything goes through the ModelPatcher's keyed extension points under one key (injections, additional
+models, object patches, wrappers); the MODEL passed in is never modified and nothing global is touched.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 import comfy.model_management
 import comfy.ops
 from comfy.ldm.modules.attention import optimized_attention
 from comfy.model_patcher import ModelPatcher
-from comfy.patcher_extension import PatcherInjection
+from comfy.patcher_extension import PatcherInjection, WrappersMP
 
 from ..motion_modules import MotionModuleConfig, VanillaTemporalModule, load_motion_module
-from . import placement
+from . import frame_groupnorm, placement, schedules
 
 KEY = "animatediff_motion"
+PLAIN_PASS = "animatediff_motion_plain_pass"  # transformer_options flag: run the UNet without the modules
+
+
+@dataclass(frozen=True)
+class MotionOptions:
+    scale: float | tuple[float, ...] = 1.0   # multiplies each module's residual; a tuple: one value per frame
+    effect: float = 1.0                      # blend of the animated (1) and the unanimated (0) UNet prediction
+    schedule: str = schedules.AUTOSELECT     # noise schedule: the family's own, "use existing" or a name
+    frame_groupnorm: str = "autoselect"      # v1's ResNet GroupNorm across frames: autoselect / on / off
 
 
 def load_motion_patcher(path: str | Path) -> ModelPatcher:
@@ -36,15 +48,15 @@ class TemporalPatch:
 
     The UNet batch is ``len(cond_or_uncond)`` chunks (cond, uncond, ...) of the same frames, chunk-major, so
     frames = batch // chunks whether the host runs cond and uncond together or apart, and inside a context
-    window the batch holds just the window's frames.
+    window the batch holds just the window's frames (``transformer_options["context_window"]`` says which).
     """
 
-    def __init__(self, config: MotionModuleConfig, scale: float):
+    def __init__(self, config: MotionModuleConfig, scale: float | tuple[float, ...]):
         self.config = config
         self.scale = scale
 
     def __call__(self, layer: VanillaTemporalModule, x, emb, context, transformer_options, *unused):
-        if self.scale == 0:
+        if self.scale == 0 or transformer_options.get(PLAIN_PASS):
             return x  # exactly the image model
         chunks = len(transformer_options.get("cond_or_uncond") or [0])
         frames = x.shape[0] // chunks
@@ -53,10 +65,19 @@ class TemporalPatch:
                 f"{frames} frames, but motion module '{self.config.extra.get('name')}' ({self.config.family}) handles "
                 f"at most {self.config.max_frames} at once (its positional encoding). Use a batch of at most "
                 f"{self.config.max_frames} latents, or sample with context windows.")
+        scale = self.frame_scale(frames, chunks, transformer_options, x)
         dtype = layer.temporal_transformer.proj_in.weight.dtype
         if x.dtype == dtype:
-            return layer(x, frames, optimized_attention, self.config.norm_across_frames, self.scale)
-        return layer(x.to(dtype), frames, optimized_attention, self.config.norm_across_frames, self.scale).to(x.dtype)
+            return layer(x, frames, optimized_attention, self.config.norm_across_frames, scale)
+        return layer(x.to(dtype), frames, optimized_attention, self.config.norm_across_frames, scale).to(x.dtype)
+
+    def frame_scale(self, frames: int, chunks: int, transformer_options: dict, x) -> float | torch.Tensor:
+        if not isinstance(self.scale, tuple):
+            return self.scale
+        window = transformer_options.get("context_window")
+        indices = window.index_list if window is not None and len(window.index_list) == frames else range(frames)
+        values = [self.scale[min(i, len(self.scale) - 1)] for i in indices]  # the last value holds to the end
+        return torch.tensor(values, dtype=x.dtype, device=x.device).repeat(chunks).view(-1, 1, 1, 1)
 
 
 def _inject(patcher: ModelPatcher) -> None:
@@ -68,14 +89,53 @@ def _eject(patcher: ModelPatcher) -> None:
     placement.eject(patcher.model.diffusion_model)
 
 
-def apply_motion_module(model: ModelPatcher, motion: ModelPatcher, scale: float = 1.0) -> ModelPatcher:
+def _effect_wrapper(effect: float):
+    """APPLY_MODEL wrapper: ``(1 - effect) * unanimated + effect * animated`` prediction (two UNet passes)."""
+    def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        plain = executor(x, t, c_concat, c_crossattn, control, {**transformer_options, PLAIN_PASS: True}, **kwargs)
+        if effect == 0:
+            return plain
+        animated = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        return torch.lerp(plain, animated, effect)
+    return wrapper
+
+
+def _remove_previous(patched: ModelPatcher) -> None:
+    """Undo an earlier apply on this clone's lineage, so a second apply replaces it instead of stacking."""
+    for key, obj in list(patched.object_patches.items()):
+        if isinstance(obj, frame_groupnorm.FrameGroupNorm) or getattr(obj, "animatediff_motion", False):
+            del patched.object_patches[key]
+    for wrapper_type in (WrappersMP.DIFFUSION_MODEL, WrappersMP.APPLY_MODEL):
+        patched.remove_wrappers_with_key(wrapper_type, KEY)
+
+
+def apply_motion_module(model: ModelPatcher, motion: ModelPatcher, options: MotionOptions = MotionOptions()) -> ModelPatcher:
     """A clone of ``model`` that animates with ``motion``; a second apply on the result replaces the first."""
     config: MotionModuleConfig = motion.model.config
-    placement.plan(model.model.diffusion_model, config, config.extra.get("name"))  # refuse before patching anything
+    name = config.extra.get("name")
+    unet = model.model.diffusion_model
+    placement.plan(unet, config, name)  # refuse before patching anything
+    if options.frame_groupnorm not in ("autoselect", "on", "off"):
+        raise ValueError(f"frame_groupnorm must be autoselect, on or off, not {options.frame_groupnorm!r}.")
+    schedule = schedules.resolve(options.schedule, config.family)
+
     patched = model.clone()
+    _remove_previous(patched)
     patched.set_additional_models(KEY, [motion.clone()])
     patched.set_injections(KEY, [PatcherInjection(inject=_inject, eject=_eject)])
     patches = patched.model_options["transformer_options"].setdefault("patches", {})
     embed_patches = [p for p in patches.get("forward_timestep_embed_patch", []) if not isinstance(p[1], TemporalPatch)]
-    patches["forward_timestep_embed_patch"] = embed_patches + [(VanillaTemporalModule, TemporalPatch(config, scale))]
+    patches["forward_timestep_embed_patch"] = embed_patches + [(VanillaTemporalModule, TemporalPatch(config, options.scale))]
+
+    sampling = schedules.model_sampling(schedule, model.get_model_object("model_sampling"))
+    if sampling is not None:
+        patched.add_object_patch("model_sampling", sampling)
+    across_frames = {"on": True, "off": False}.get(options.frame_groupnorm, config.family in ("AnimateDiff v1", "HotshotXL"))
+    if across_frames:
+        frames = frame_groupnorm.FrameCount()
+        for key, norm in frame_groupnorm.resnet_norm_patches(unet, frames).items():
+            patched.add_object_patch(key, norm)
+        patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, KEY, frame_groupnorm.frame_count_wrapper(frames))
+    if options.effect != 1.0:
+        patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, KEY, _effect_wrapper(options.effect))
     return patched

@@ -139,10 +139,11 @@ class VanillaTemporalModule(nn.Module):
         return self.temporal_transformer.proj_in.in_features
 
     def forward(self, x: Tensor, frames: int, attention: AttentionFn = sdpa_attention,
-                norm_across_frames: bool = False, scale: float = 1.0) -> Tensor:
+                norm_across_frames: bool = False, scale: float | Tensor = 1.0) -> Tensor:
+        """``scale``: a float, or a tensor broadcastable to x (e.g. [(b f), 1, 1, 1], one value per frame)."""
         if x.shape[0] % frames:
             raise ValueError(f"batch of {x.shape[0]} is not a whole number of {frames}-frame clips")
         residual = self.temporal_transformer(x, frames, attention, norm_across_frames)
-        if scale != 1.0:
+        if isinstance(scale, Tensor) or scale != 1.0:
             residual = residual.mul_(scale)
         return residual.add_(x)

@@ -1,8 +1,9 @@
 """The node classes, registered with the host under the ``ADM_`` prefix."""
 from ..model_patcher import folders
-from . import motion, save_video
+from . import context, motion, save_video
 
 folders.register()
 
-NODE_CLASS_MAPPINGS = {**motion.NODE_CLASS_MAPPINGS, **save_video.NODE_CLASS_MAPPINGS}
-NODE_DISPLAY_NAME_MAPPINGS = {**motion.NODE_DISPLAY_NAME_MAPPINGS, **save_video.NODE_DISPLAY_NAME_MAPPINGS}
+_MODULES = (motion, context, save_video)
+NODE_CLASS_MAPPINGS = {k: v for m in _MODULES for k, v in m.NODE_CLASS_MAPPINGS.items()}
+NODE_DISPLAY_NAME_MAPPINGS = {k: v for m in _MODULES for k, v in m.NODE_DISPLAY_NAME_MAPPINGS.items()}

@@ -1,6 +1,7 @@
 """Load Motion Module -> Apply Motion Module: the two nodes that turn a checkpoint into an animation model."""
 from ..model_patcher import folders
-from ..model_patcher.motion_patcher import apply_motion_module, load_motion_patcher
+from ..model_patcher import schedules
+from ..model_patcher.motion_patcher import MotionOptions, apply_motion_module, load_motion_patcher
 
 CATEGORY = "AnimateDiff Motion"
 MOTION_MODULE = "ADM_MOTION_MODULE"
@@ -40,11 +41,37 @@ class ApplyMotionModule:
             "motion_module": (MOTION_MODULE, {"tooltip": "From Load Motion Module."}),
             "motion_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05, "tooltip":
                                        "How strongly the temporal layers act: 1 = as trained, 0 = not at all "
-                                       "(plain image sampling, bit for bit), above 1 = exaggerated."}),
+                                       "(plain image sampling, bit for bit, with noise_schedule 'use existing'), "
+                                       "above 1 = exaggerated."}),
+            "noise_schedule": (schedules.CHOICES, {"default": schedules.AUTOSELECT, "tooltip":
+                               "autoselect: the schedule the module was trained with (AnimateDiff SD1.5 v1/v2/v3: "
+                               "sqrt_linear; SDXL beta: linear to 0.020; HotshotXL: linear; AnimateLCM: lcm). "
+                               "'use existing' keeps the checkpoint's own."}),
+            "frame_groupnorm": (["autoselect", "on", "off"], {"default": "autoselect", "tooltip":
+                                "Normalise the image UNet's ResNets over all frames of the clip, as AnimateDiff v1 "
+                                "and HotshotXL were trained. autoselect: on for those, off for v2, v3, SDXL beta "
+                                "and AnimateLCM."}),
+        }, "optional": {
+            "effect": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
+                                 "Blend of the animated (1) and the unanimated (0) model's prediction. Between 0 "
+                                 "and 1 each step runs the UNet twice."}),
+            "motion_scale_per_frame": ("STRING", {"default": "", "tooltip":
+                                       "Optional per-frame motion scales, comma separated (e.g. 1, 1, 0.8, 0.5); "
+                                       "replaces motion_scale; the last value holds for the remaining frames."}),
         }}
 
-    def apply(self, model, motion_module, motion_scale):
-        return (apply_motion_module(model, motion_module, motion_scale),)
+    def apply(self, model, motion_module, motion_scale, noise_schedule, frame_groupnorm, effect=1.0,
+              motion_scale_per_frame=""):
+        scale = parse_frame_scales(motion_scale_per_frame) or motion_scale
+        options = MotionOptions(scale=scale, effect=effect, schedule=noise_schedule, frame_groupnorm=frame_groupnorm)
+        return (apply_motion_module(model, motion_module, options),)
+
+
+def parse_frame_scales(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.replace("\n", ",").split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"motion_scale_per_frame must be numbers separated by commas, like '1, 0.8, 0.5'; got {text!r}.") from None
 
 
 NODE_CLASS_MAPPINGS = {"ADM_LoadMotionModule": LoadMotionModule, "ADM_ApplyMotionModule": ApplyMotionModule}

@@ -50,3 +50,17 @@ def tiny_motion_config(**overrides):
                   extra={"name": "tiny.safetensors"})
     fields.update(overrides)
     return MotionModuleConfig(**fields)
+
+
+def tiny_motion_patcher(config=None, seed: int = 1):
+    """A ModelPatcher around a tiny motion module with non-zero output projections (as a trained one has)."""
+    import comfy.model_management
+    import comfy.model_patcher
+    from adm.motion_modules import MotionModule
+
+    torch.manual_seed(seed)
+    module = MotionModule(config or tiny_motion_config()).eval().requires_grad_(False)
+    for m in module.in_unet_order():
+        torch.nn.init.normal_(m.temporal_transformer.proj_out.weight, std=0.2)
+    return comfy.model_patcher.ModelPatcher(module, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())

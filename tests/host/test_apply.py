@@ -5,25 +5,15 @@ import pytest
 import torch
 
 import comfy.model_management
-import comfy.model_patcher
 import comfy.sample
 
 from adm.model_patcher import placement
-from adm.model_patcher.motion_patcher import apply_motion_module
+from adm.model_patcher.motion_patcher import MotionOptions, apply_motion_module
 from adm.motion_modules import LAYOUTS, MotionModule
 from adm.nodes.motion import ApplyMotionModule
-from unets import meta_unet, tiny_motion_config, tiny_sd15_patcher
+from unets import meta_unet, tiny_motion_config, tiny_motion_patcher as motion_patcher, tiny_sd15_patcher
 
 FRAMES = 6
-
-
-def motion_patcher(config=None, seed=1):
-    torch.manual_seed(seed)
-    module = MotionModule(config or tiny_motion_config()).eval().requires_grad_(False)
-    for m in module.in_unet_order():  # trained modules have non-zero output projections
-        torch.nn.init.normal_(m.temporal_transformer.proj_out.weight, std=0.2)
-    return comfy.model_patcher.ModelPatcher(module, load_device=comfy.model_management.get_torch_device(),
-                                            offload_device=comfy.model_management.unet_offload_device())
 
 
 def sample(model, frames=FRAMES, seed=3):
@@ -60,7 +50,7 @@ def test_model_passed_in_is_unchanged_and_plain_sampling_is_bit_identical(model)
 
 
 def test_motion_scale_zero_is_plain_image_sampling(model):
-    assert torch.equal(sample(apply_motion_module(model, motion_patcher(), scale=0.0)), sample(model))
+    assert torch.equal(sample(apply_motion_module(model, motion_patcher(), MotionOptions(scale=0.0, schedule="use existing"))), sample(model))
 
 
 def test_frames_interact_only_through_the_motion_module(model):
@@ -117,7 +107,7 @@ def test_module_for_another_base_is_refused_before_anything_is_patched(model):
     sdxl = motion_patcher(tiny_motion_config(family="AnimateDiff SDXL beta", base="SDXL", down=((32, 32), (64, 64), (128, 128)),
                                              mid=(), up=((128,) * 3, (64,) * 3, (32,) * 3)))
     with pytest.raises(placement.MotionCompatibilityError, match="made for SDXL"):
-        ApplyMotionModule().apply(model, sdxl, 1.0)
+        ApplyMotionModule().apply(model, sdxl, 1.0, "autoselect", "autoselect")
     assert not model.injections
 
 

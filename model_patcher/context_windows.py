@@ -1,0 +1,100 @@
+"""Long clips through the host's own context windows (``comfy.context_windows``), with AnimateDiff defaults.
+
+Each window's latents are denoised as one clip, so our temporal modules see only that window's frames
+(positions 0..len-1, the cond/uncond split unchanged) and the host fuses the overlapping results. One thing the
+host leaves to us: a ControlNet given one hint image per frame would feed every window the first frames' hints,
+so while a window is evaluated each ControlNet in its conds holds that window's hints.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+try:
+    import comfy.context_windows as host_windows
+except ImportError:  # ComfyUI before context windows (0.3.4x)
+    host_windows = None
+
+SCHEDULES = ["standard_uniform", "standard_static", "looped_uniform", "batched"]
+FUSE_METHODS = ["pyramid", "flat", "overlap-linear", "relative"]
+
+
+def require_host_windows():
+    if host_windows is None or not hasattr(host_windows, "IndexListContextHandler"):
+        raise RuntimeError("Context windows need a ComfyUI with comfy/context_windows.py (0.3.50 or newer). "
+                           "Update ComfyUI, or sample at most the motion module's window length of frames.")
+    return host_windows
+
+
+def _controls(conds):
+    for cond in conds or []:
+        for entry in cond or []:
+            control = entry.get("control") if isinstance(entry, dict) else None
+            while control is not None:
+                yield control
+                control = control.previous_controlnet
+
+
+@contextlib.contextmanager
+def window_hints(conds, index_list, full_length: int):
+    """Give per-frame ControlNet hints of the whole clip only this window's frames, restoring them after."""
+    saved = []
+    try:
+        for control in _controls(conds):
+            hint = getattr(control, "cond_hint_original", None)
+            if hint is not None and hint.shape[0] == full_length and full_length > 1 and control not in [s[0] for s in saved]:
+                saved.append((control, hint, control.cond_hint))
+                control.cond_hint_original, control.cond_hint = hint[index_list], None
+        yield
+    finally:
+        for control, hint, cached in saved:
+            control.cond_hint_original, control.cond_hint = hint, cached
+
+
+def make_handler(context_length: int, context_overlap: int, schedule: str, fuse_method: str,
+                 context_stride: int = 1, closed_loop: bool = False):
+    windows = require_host_windows()
+
+    class AnimateDiffContextHandler(windows.IndexListContextHandler):
+        """The host's handler, made right for windows along the batch axis (dim 0), where every frame has
+        its own sigma entry and per-frame conditionings (prompt travel) sit in the batch axis too."""
+
+        def set_step(self, timestep, model_options):
+            super().set_step(timestep[:1], model_options)  # all frames share the step's sigma
+
+        def get_resized_cond(self, cond_in, x_in, window, device=None):
+            resized = super().get_resized_cond(cond_in, x_in, window, device)
+            for entry in resized or []:  # per-frame model_conds (e.g. c_crossattn) of the whole clip
+                for key, value in (entry.get("model_conds") or {}).items():
+                    cond = getattr(value, "cond", None)
+                    if isinstance(cond, torch.Tensor) and cond.shape[0] == x_in.shape[0] > len(window.index_list):
+                        entry["model_conds"][key] = value._copy_with(window.get_tensor(cond, device))
+            return resized
+
+        def evaluate_context_windows(self, calc_cond_batch, model, x_in, conds, timestep, enumerated_context_windows,
+                                     *args, **kwargs):
+            results = []
+            for enumerated in enumerated_context_windows:
+                with window_hints(conds, enumerated[1].index_list, x_in.size(self.dim)):
+                    results += super().evaluate_context_windows(calc_cond_batch, model, x_in, conds, timestep,
+                                                                [enumerated], *args, **kwargs)
+            return results
+
+    if schedule not in SCHEDULES or fuse_method not in FUSE_METHODS:
+        raise ValueError(f"schedule must be one of {SCHEDULES} and fuse_method one of {FUSE_METHODS}.")
+    if context_overlap >= context_length:
+        raise ValueError(f"context_overlap ({context_overlap}) must be smaller than context_length ({context_length}).")
+    return AnimateDiffContextHandler(
+        context_schedule=windows.get_matching_context_schedule(schedule),
+        fuse_method=windows.get_matching_fuse_method(fuse_method),
+        context_length=context_length, context_overlap=context_overlap, context_stride=context_stride,
+        closed_loop=closed_loop, dim=0)
+
+
+def apply_context_windows(model, handler):
+    """A clone of MODEL that samples with ``handler``'s windows (and counts memory per window, not per clip)."""
+    patched = model.clone()
+    patched.model_options["context_handler"] = handler
+    require_host_windows().create_prepare_sampling_wrapper(patched)
+    return patched
