@@ -17,7 +17,8 @@ from comfy.ldm.modules.attention import optimized_attention
 from comfy.model_patcher import ModelPatcher
 from comfy.patcher_extension import PatcherInjection, WrappersMP
 
-from ..motion_modules import MotionModuleConfig, VanillaTemporalModule, load_motion_module
+from ..motion_modules import MotionModuleConfig, VanillaTemporalModule, load_motion_module, read_state_dict
+from ..motion_modules.motion_lora import check_fits, lora_pairs
 from . import frame_groupnorm, placement, schedules
 
 KEY = "animatediff_motion"
@@ -41,6 +42,24 @@ def load_motion_patcher(path: str | Path) -> ModelPatcher:
         module.to(dtype)
     return ModelPatcher(module, load_device=comfy.model_management.get_torch_device(),
                         offload_device=comfy.model_management.unet_offload_device())
+
+
+def add_motion_lora(motion: ModelPatcher, path: str | Path, strength: float) -> ModelPatcher:
+    """A clone of the motion module with a motion LoRA as host weight patches (removed exactly at unpatch)."""
+    name = Path(path).name
+    pairs = lora_pairs(read_state_dict(path), name)
+    check_fits(pairs, motion.model.state_dict(), name, motion.model.config.family)
+    patched = motion.clone()
+    patched.add_patches({key: _lora_patch(up, down) for key, (up, down) in pairs.items()}, strength)
+    return patched
+
+
+def _lora_patch(up, down):
+    try:  # ComfyUI 0.3.3x and newer: weight adapters
+        from comfy.weight_adapter.lora import LoRAAdapter
+        return LoRAAdapter(set(), (up, down, None, None, None, None))
+    except ImportError:
+        return ("lora", (up, down, None, None, None, None))
 
 
 class TemporalPatch:

@@ -1,7 +1,7 @@
 """Load Motion Module -> Apply Motion Module: the two nodes that turn a checkpoint into an animation model."""
 from ..model_patcher import folders
 from ..model_patcher import schedules
-from ..model_patcher.motion_patcher import MotionOptions, apply_motion_module, load_motion_patcher
+from ..model_patcher.motion_patcher import MotionOptions, add_motion_lora, apply_motion_module, load_motion_patcher
 
 CATEGORY = "AnimateDiff Motion"
 MOTION_MODULE = "ADM_MOTION_MODULE"
@@ -18,11 +18,35 @@ class LoadMotionModule:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"model_name": (folders.motion_module_names(), {
+        return {"required": {"model_name": (folders.names(folders.MOTION_MODULES), {
             "tooltip": "A motion-module file in models/animatediff_models (the folder other AnimateDiff packs use)."})}}
 
     def load(self, model_name):
-        return (load_motion_patcher(folders.motion_module_path(model_name)),)
+        return (load_motion_patcher(folders.full_path(folders.MOTION_MODULES, model_name)),)
+
+
+class LoadMotionLoRA:
+    DESCRIPTION = ("Adds a motion LoRA (a camera move like the v2 ZoomIn/PanLeft LoRAs, or a MotionDirector-trained "
+                   "motion) to a motion module. Chain several for several LoRAs, each with its own strength.")
+    CATEGORY = f"{CATEGORY}/loaders"
+    RETURN_TYPES = (MOTION_MODULE,)
+    RETURN_NAMES = ("motion_module",)
+    OUTPUT_TOOLTIPS = ("The motion module with the LoRA; the module you passed in is unchanged.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "motion_module": (MOTION_MODULE, {"tooltip": "From Load Motion Module (or another Load Motion LoRA)."}),
+            "lora_name": (folders.names(folders.MOTION_LORAS), {"tooltip":
+                          "A motion LoRA in models/animatediff_motion_lora. The official camera LoRAs are for "
+                          "AnimateDiff v2 modules."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.05, "tooltip":
+                                   "How much of the LoRA to add: 1 = as trained, 0 = none."}),
+        }}
+
+    def load(self, motion_module, lora_name, strength):
+        return (add_motion_lora(motion_module, folders.full_path(folders.MOTION_LORAS, lora_name), strength),)
 
 
 class ApplyMotionModule:
@@ -74,6 +98,8 @@ def parse_frame_scales(text: str) -> tuple[float, ...]:
         raise ValueError(f"motion_scale_per_frame must be numbers separated by commas, like '1, 0.8, 0.5'; got {text!r}.") from None
 
 
-NODE_CLASS_MAPPINGS = {"ADM_LoadMotionModule": LoadMotionModule, "ADM_ApplyMotionModule": ApplyMotionModule}
+NODE_CLASS_MAPPINGS = {"ADM_LoadMotionModule": LoadMotionModule, "ADM_LoadMotionLoRA": LoadMotionLoRA,
+                       "ADM_ApplyMotionModule": ApplyMotionModule}
 NODE_DISPLAY_NAME_MAPPINGS = {"ADM_LoadMotionModule": "Load Motion Module (AnimateDiff)",
+                              "ADM_LoadMotionLoRA": "Load Motion LoRA (AnimateDiff)",
                               "ADM_ApplyMotionModule": "Apply Motion Module (AnimateDiff)"}
