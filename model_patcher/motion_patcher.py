@@ -31,6 +31,7 @@ class MotionOptions:
     effect: float = 1.0                      # blend of the animated (1) and the unanimated (0) UNet prediction
     schedule: str = schedules.AUTOSELECT     # noise schedule: the family's own, "use existing" or a name
     frame_groupnorm: str = "autoselect"      # v1's ResNet GroupNorm across frames: autoselect / on / off
+    stretch_positions: bool = False          # allow more frames than the encoding, by stretching it
 
 
 def load_motion_patcher(path: str | Path) -> ModelPatcher:
@@ -70,20 +71,21 @@ class TemporalPatch:
     window the batch holds just the window's frames (``transformer_options["context_window"]`` says which).
     """
 
-    def __init__(self, config: MotionModuleConfig, scale: float | tuple[float, ...]):
+    def __init__(self, config: MotionModuleConfig, scale: float | tuple[float, ...], stretch_positions: bool = False):
         self.config = config
         self.scale = scale
+        self.stretch_positions = stretch_positions
 
     def __call__(self, layer: VanillaTemporalModule, x, emb, context, transformer_options, *unused):
         if self.scale == 0 or transformer_options.get(PLAIN_PASS):
             return x  # exactly the image model
         chunks = len(transformer_options.get("cond_or_uncond") or [0])
         frames = x.shape[0] // chunks
-        if frames > self.config.max_frames:
+        if frames > self.config.max_frames and not self.stretch_positions:
             raise ValueError(
                 f"{frames} frames, but motion module '{self.config.extra.get('name')}' ({self.config.family}) handles "
-                f"at most {self.config.max_frames} at once (its positional encoding). Use a batch of at most "
-                f"{self.config.max_frames} latents, or sample with context windows.")
+                f"at most {self.config.max_frames} at once (its positional encoding). Sample with context windows "
+                f"(Context Windows node), use at most {self.config.max_frames} latents, or turn on stretch_positions.")
         scale = self.frame_scale(frames, chunks, transformer_options, x)
         dtype = layer.temporal_transformer.proj_in.weight.dtype
         if x.dtype == dtype:
@@ -144,7 +146,7 @@ def apply_motion_module(model: ModelPatcher, motion: ModelPatcher, options: Moti
     patched.set_injections(KEY, [PatcherInjection(inject=_inject, eject=_eject)])
     patches = patched.model_options["transformer_options"].setdefault("patches", {})
     embed_patches = [p for p in patches.get("forward_timestep_embed_patch", []) if not isinstance(p[1], TemporalPatch)]
-    patches["forward_timestep_embed_patch"] = embed_patches + [(VanillaTemporalModule, TemporalPatch(config, options.scale))]
+    patches["forward_timestep_embed_patch"] = embed_patches + [(VanillaTemporalModule, TemporalPatch(config, options.scale, options.stretch_positions))]
 
     sampling = schedules.model_sampling(schedule, model.get_model_object("model_sampling"))
     if sampling is not None:

@@ -45,6 +45,13 @@ class PositionalEncoding(nn.Module):
         super().__init__()
         self.register_buffer("pe", sinusoidal_encoding(max_len, channels))
 
+    def encoding(self, frames: int) -> Tensor:
+        """The first ``frames`` positions; past the table's end, the whole table stretched to ``frames``
+        (linear interpolation), so longer clips keep the trained range of positions."""
+        if frames <= self.pe.shape[1]:
+            return self.pe[:, :frames]
+        return F.interpolate(self.pe.transpose(1, 2), size=frames, mode="linear", align_corners=True).transpose(1, 2)
+
 
 class VersatileAttention(nn.Module):
     """Self-attention over frames; ``pe`` is added to the attention input only, not to the residual."""
@@ -60,7 +67,7 @@ class VersatileAttention(nn.Module):
 
     def forward(self, x: Tensor, attention: AttentionFn) -> Tensor:
         # x: (b h w) f c
-        x = x + self.pos_encoder.pe[:, : x.shape[1]].to(x.dtype)
+        x = x + self.pos_encoder.encoding(x.shape[1]).to(x.dtype)
         out = attention(self.to_q(x), self.to_k(x), self.to_v(x), self.heads)
         return self.to_out[0](out)
 

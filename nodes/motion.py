@@ -82,12 +82,17 @@ class ApplyMotionModule:
             "motion_scale_per_frame": ("STRING", {"default": "", "tooltip":
                                        "Optional per-frame motion scales, comma separated (e.g. 1, 1, 0.8, 0.5); "
                                        "replaces motion_scale; the last value holds for the remaining frames."}),
+            "stretch_positions": ("BOOLEAN", {"default": False, "tooltip":
+                                  "Allow more frames than the module was trained for (24-32) without context windows, "
+                                  "by stretching its positional encoding over the clip. Motion gets slower and "
+                                  "blurrier; context windows are usually better."}),
         }}
 
     def apply(self, model, motion_module, motion_scale, noise_schedule, frame_groupnorm, effect=1.0,
-              motion_scale_per_frame=""):
+              motion_scale_per_frame="", stretch_positions=False):
         scale = parse_frame_scales(motion_scale_per_frame) or motion_scale
-        options = MotionOptions(scale=scale, effect=effect, schedule=noise_schedule, frame_groupnorm=frame_groupnorm)
+        options = MotionOptions(scale=scale, effect=effect, schedule=noise_schedule, frame_groupnorm=frame_groupnorm,
+                                stretch_positions=stretch_positions)
         return (apply_motion_module(model, motion_module, options),)
 
 

@@ -119,3 +119,11 @@ def test_per_frame_scale_of_zero_leaves_that_frame_to_the_other_frames_only(mode
     torch.testing.assert_close(ones, sample(apply_motion_module(model, motion, MotionOptions(**PLAIN))))
     mixed = sample(apply_motion_module(model, motion, MotionOptions(scale=(1.0, 1.0, 1.0, 0.0), **PLAIN)))
     assert not torch.allclose(mixed[3], ones[3], rtol=1e-4, atol=1e-3)
+
+
+def test_stretch_positions_allows_more_frames_than_the_encoding(model):
+    short = motion_patcher(tiny_motion_config(max_frames=4))
+    with pytest.raises(ValueError, match="stretch_positions"):
+        sample(apply_motion_module(model, short, MotionOptions(**PLAIN)), frames=6)
+    out = sample(apply_motion_module(model, short, MotionOptions(stretch_positions=True, **PLAIN)), frames=6)
+    assert out.shape[0] == 6 and torch.isfinite(out).all()

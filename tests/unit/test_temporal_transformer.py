@@ -101,3 +101,13 @@ def test_published_layouts_have_the_published_sizes(family, tensors, numel):
         sd = published_state_dict(MotionModule(LAYOUTS[family]))
     assert len(sd) == tensors
     assert sum(v.numel() for v in sd.values()) == numel
+
+
+def test_encoding_beyond_the_table_is_the_table_stretched():
+    from adm.motion_modules.temporal_transformer import PositionalEncoding
+    encoder = PositionalEncoding(8, 4)
+    assert torch.equal(encoder.encoding(3), encoder.pe[:, :3])
+    stretched = encoder.encoding(7)  # 4 positions over 7 frames: every other frame is a table entry
+    assert stretched.shape == (1, 7, 8)
+    torch.testing.assert_close(stretched[:, ::2], encoder.pe)
+    torch.testing.assert_close(stretched[:, 1], (encoder.pe[:, 0] + encoder.pe[:, 1]) / 2)
