@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from .diffusers_format import from_diffusers, is_diffusers_layout
 from .motion_module import MotionModule, MotionModuleConfig
 from .temporal_transformer import PositionalEncoding, sinusoidal_encoding
 
@@ -99,6 +100,14 @@ def _unwrap(obj, name: str) -> dict[str, Tensor]:
     # AnimateDiff's own train.py saves the DDP-wrapped UNet: every key starts with "module.".
     if tensors and all(k.startswith("module.") for k in tensors):
         tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    # --- hook: diffusers MotionAdapter files (diffusion_pytorch_model.safetensors) -> published names ---
+    if is_diffusers_layout(tensors):
+        try:
+            tensors = from_diffusers(tensors)
+        except ValueError as e:
+            raise MotionModuleError(f"{name}: a diffusers MotionAdapter file of a layout this version does not "
+                                    f"know ({e}).") from None
+    # --- end hook (see diffusers_format.py) ---
     # HotshotXL names its modules temporal_attentions.N and its table positional_encoding.
     if any(HOTSHOT_KEY.match(k) for k in tensors):
         tensors = {HOTSHOT_KEY.sub(r"\1.motion_modules.\2.temporal_transformer.", k)

@@ -18,7 +18,7 @@ def unet_config(base: str = "SD1.5", model_channels: int = 320, context_dim: int
     return dict(common, num_res_blocks=[2] * 3, channel_mult=[1, 2, 4], num_head_channels=64,
                 transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_middle=10,
                 transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], use_linear_in_transformer=True,
-                context_dim=context_dim or 2048, adm_in_channels=2816)
+                context_dim=context_dim or 2048, adm_in_channels=2816, num_classes="sequential")
 
 
 def meta_unet(base: str = "SD1.5") -> UNetModel:
@@ -36,8 +36,11 @@ def tiny_sd15_patcher(seed: int = 0):
     config = comfy.supported_models.SD15(unet_config(model_channels=32, context_dim=32))
     torch.manual_seed(seed)
     model = comfy.model_base.BaseModel(config, device="cpu")
-    for p in model.diffusion_model.parameters():  # the host's layers skip weight init: give them real values
-        torch.nn.init.normal_(p, std=0.05) if p.dim() > 1 else torch.nn.init.normal_(p, std=0.01)
+    for name, p in model.diffusion_model.named_parameters():  # the host's layers skip weight init
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.05)
+        else:  # 1-D: norm scales (around 1) and biases (around 0)
+            torch.nn.init.normal_(p, mean=1.0 if name.endswith("weight") else 0.0, std=0.01)
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())
 

@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 
 from adm.headless.client import run_workflow
-from adm.headless.demo_models import CHECKPOINT, MOTION_MODULE, ensure_random_models
+from adm.headless.demo_models import CHECKPOINT, MOTION_MODULE
 from adm.headless.errors import WorkflowError
-from adm.headless.server import start_server
 from adm.motion_modules import LAYOUTS
 from adm.video import read_video
-from conftest import COMFYUI_DIR, ROOT
+from conftest import ROOT
 
 pytestmark = pytest.mark.e2e
 WORKFLOWS = ROOT / "workflows"
@@ -20,24 +19,8 @@ SMALL = ["6.width=64", "6.height=64", "6.batch_size=8", "7.steps=3", "9.format=w
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    # Random stand-ins with the real layouts, cached across runs (they take ~20 s to make).
-    models_dir = ROOT / ".host" / "test-models"
-    ensure_random_models(models_dir)
-    bad = models_dir / "animatediff_models"
-    (bad / "not_a_motion_module.safetensors").write_bytes((models_dir / "checkpoints" / CHECKPOINT).read_bytes()[:4096])
-    return models_dir
-
-
-@pytest.fixture(scope="module")
-def server(models, tmp_path_factory):
-    config = tmp_path_factory.mktemp("config") / "extra_model_paths.yaml"
-    config.write_text(f"adm_tests:\n  base_path: {models}\n  checkpoints: checkpoints\n"
-                      f"  animatediff_models: animatediff_models\n")
-    output = tmp_path_factory.mktemp("server-output")
-    with start_server(COMFYUI_DIR, host_args=[f"--extra-model-paths-config={config}",
-                                              f"--output-directory={output}"]) as url:
-        yield url
+def server(e2e_server):
+    return e2e_server
 
 
 def run(server, tmp_path, workflow="txt2vid_api.json", overrides=()):
@@ -76,3 +59,20 @@ def test_bad_inputs_are_refused_readably_and_the_server_keeps_serving(server, tm
         run(server, tmp_path, overrides=[f"6.batch_size={limit + 1}", "6.width=16", "6.height=16"])
     frames, _ = run(server, tmp_path / "after")
     assert frames.shape[0] == 8
+
+
+def test_long_clip_workflow_samples_in_context_windows(server, tmp_path):
+    frames, _ = run(server, tmp_path, "txt2vid_long_api.json", overrides=["6.batch_size=20", "10.context_length=16"])
+    assert frames.shape == (20, 64, 64, 3)
+
+
+def test_long_clip_without_windows_is_refused_with_the_fix(server, tmp_path):
+    with pytest.raises(WorkflowError, match="Context Windows node"):
+        run(server, tmp_path, overrides=["6.batch_size=40", "6.width=16", "6.height=16"])
+
+
+def test_motion_lora_workflow_changes_the_clip(server, tmp_path, e2e_motion_lora):
+    plain, _ = run(server, tmp_path / "plain")
+    with_lora, _ = run(server, tmp_path / "lora", "motion_lora_api.json", overrides=[f"10.lora_name={e2e_motion_lora}"])
+    assert with_lora.shape == plain.shape
+    assert np.abs(with_lora.astype(int) - plain.astype(int)).mean() > 0.5
