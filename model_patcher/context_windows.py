@@ -1,9 +1,15 @@
 """Long clips through the host's own context windows (``comfy.context_windows``), with AnimateDiff defaults.
 
 Each window's latents are denoised as one clip, so our temporal modules see only that window's frames
-(positions 0..len-1, the cond/uncond split unchanged) and the host fuses the overlapping results. One thing the
-host leaves to us: a ControlNet given one hint image per frame would feed every window the first frames' hints,
-so while a window is evaluated each ControlNet in its conds holds that window's hints.
+(positions 0..len-1, the cond/uncond split unchanged) and the host fuses the overlapping results. ComfyUI
+0.3.75 built its handler for video models whose frames are not the batch; with frames in the batch (dim 0)
+three things need our handler:
+- the current step is found by comparing the schedule with the timestep tensor, which has one entry per
+  frame here: we compare the first frame's (all frames share the step's sigma);
+- per-frame conditionings (prompt travel) are not cut to the window: we cut them;
+- a ControlNet given one hint per frame would feed every window the first frames' hints: while a window is
+  evaluated, each ControlNet in its conds holds that window's hints.
+The stock Context Windows node works too: models with a motion module swap its handler for ours per run.
 """
 from __future__ import annotations
 
@@ -18,13 +24,7 @@ except ImportError:  # ComfyUI before context windows (0.3.4x)
 
 SCHEDULES = ["standard_uniform", "standard_static", "looped_uniform", "batched"]
 FUSE_METHODS = ["pyramid", "flat", "overlap-linear", "relative"]
-
-
-def require_host_windows():
-    if host_windows is None or not hasattr(host_windows, "IndexListContextHandler"):
-        raise RuntimeError("Context windows need a ComfyUI with comfy/context_windows.py (0.3.50 or newer). "
-                           "Update ComfyUI, or sample at most the motion module's window length of frames.")
-    return host_windows
+HOST_HAS_WINDOWS = host_windows is not None and hasattr(host_windows, "IndexListContextHandler")
 
 
 def _controls(conds):
@@ -43,7 +43,7 @@ def window_hints(conds, index_list, full_length: int):
     try:
         for control in _controls(conds):
             hint = getattr(control, "cond_hint_original", None)
-            if hint is not None and hint.shape[0] == full_length and full_length > 1 and control not in [s[0] for s in saved]:
+            if hint is not None and hint.shape[0] == full_length > 1 and all(c is not control for c, *_ in saved):
                 saved.append((control, hint, control.cond_hint))
                 control.cond_hint_original, control.cond_hint = hint[index_list], None
         yield
@@ -52,24 +52,22 @@ def window_hints(conds, index_list, full_length: int):
             control.cond_hint_original, control.cond_hint = hint, cached
 
 
-def make_handler(context_length: int, context_overlap: int, schedule: str, fuse_method: str,
-                 context_stride: int = 1, closed_loop: bool = False):
-    windows = require_host_windows()
-
-    class AnimateDiffContextHandler(windows.IndexListContextHandler):
-        """The host's handler, made right for windows along the batch axis (dim 0), where every frame has
-        its own sigma entry and per-frame conditionings (prompt travel) sit in the batch axis too."""
+if HOST_HAS_WINDOWS:
+    class AnimateDiffContextHandler(host_windows.IndexListContextHandler):
+        """The host's handler, made right for windows along the batch axis (see the module docstring)."""
 
         def set_step(self, timestep, model_options):
-            super().set_step(timestep[:1], model_options)  # all frames share the step's sigma
+            super().set_step(timestep.reshape(-1)[:1], model_options)
 
         def get_resized_cond(self, cond_in, x_in, window, device=None):
             resized = super().get_resized_cond(cond_in, x_in, window, device)
-            for entry in resized or []:  # per-frame model_conds (e.g. c_crossattn) of the whole clip
-                for key, value in (entry.get("model_conds") or {}).items():
+            for entry in resized or []:
+                model_conds = entry.get("model_conds")
+                for key, value in (model_conds or {}).items():
                     cond = getattr(value, "cond", None)
-                    if isinstance(cond, torch.Tensor) and cond.shape[0] == x_in.shape[0] > len(window.index_list):
-                        entry["model_conds"][key] = value._copy_with(window.get_tensor(cond, device))
+                    if isinstance(cond, torch.Tensor) and cond.ndim and cond.shape[0] == x_in.shape[0] > len(window.index_list):
+                        entry["model_conds"] = model_conds = dict(model_conds)  # the sampler's own stay whole
+                        model_conds[key] = value._copy_with(window.get_tensor(cond, device))
             return resized
 
         def evaluate_context_windows(self, calc_cond_batch, model, x_in, conds, timestep, enumerated_context_windows,
@@ -81,6 +79,17 @@ def make_handler(context_length: int, context_overlap: int, schedule: str, fuse_
                                                                 [enumerated], *args, **kwargs)
             return results
 
+
+def require_host_windows():
+    if not HOST_HAS_WINDOWS:
+        raise RuntimeError("Context windows need a ComfyUI with comfy/context_windows.py (0.3.50 or newer). "
+                           "Update ComfyUI, or sample at most the motion module's window length of frames.")
+    return host_windows
+
+
+def make_handler(context_length: int, context_overlap: int, schedule: str, fuse_method: str,
+                 context_stride: int = 1, closed_loop: bool = False):
+    windows = require_host_windows()
     if schedule not in SCHEDULES or fuse_method not in FUSE_METHODS:
         raise ValueError(f"schedule must be one of {SCHEDULES} and fuse_method one of {FUSE_METHODS}.")
     if context_overlap >= context_length:
@@ -98,3 +107,15 @@ def apply_context_windows(model, handler):
     patched.model_options["context_handler"] = handler
     require_host_windows().create_prepare_sampling_wrapper(patched)
     return patched
+
+
+def adopt_stock_handler(executor, *args, **kwargs):
+    """OUTER_SAMPLE wrapper: a handler from the stock Context Windows node (batch axis) runs as ours, for this
+    run only (the sampler works on its own copy of the model options)."""
+    options = executor.class_obj.model_options
+    handler = options.get("context_handler")
+    if HOST_HAS_WINDOWS and type(handler) is host_windows.IndexListContextHandler and handler.dim == 0:
+        ours = AnimateDiffContextHandler.__new__(AnimateDiffContextHandler)
+        ours.__dict__.update(handler.__dict__)
+        options["context_handler"] = ours
+    return executor(*args, **kwargs)

@@ -20,8 +20,9 @@ import comfy.patcher_extension
 from comfy.patcher_extension import WrappersMP
 
 from . import free_noise
+from .motion_patcher import KEY as PACK_KEY
 
-KEY = "animatediff_motion.free_init"
+KEY = PACK_KEY + ".free_init"
 FILTERS = ("gaussian", "butterworth", "ideal", "box")
 
 
@@ -66,6 +67,13 @@ def mix_frequencies(low: torch.Tensor, high: torch.Tensor, response: torch.Tenso
 
 def _seed(seed, iteration: int) -> int:
     return (int(seed or 0) * 6364136223846793005 + iteration * 1442695040888963407 + 1) % (1 << 64)
+
+
+def _one_bar(callback, offset: int, passes: int):
+    """The sampler's step callback, counted across all passes (the host's progress bar shows them in turn)."""
+    if callback is None:
+        return None
+    return lambda step, x0, x, total: callback(offset + step, x0, x, total * passes)
 
 
 class FreeInit:
@@ -136,12 +144,8 @@ class FreeInit:
                 guider.conds = {k: list(v) for k, v in conds.items()}
                 current = self.renoise(sample, noise, latent_image, sigmas, guider, seed, i)
             logging.info("FreeInit: pass %d of %d", i + 1, passes)
-            step_callback = callback
-            if callback is not None:  # one progress bar across all passes
-                def step_callback(step, x0, x, total, _offset=i * steps):
-                    return callback(_offset + step, x0, x, total * passes)
-            sample = executor(current, latent_image, sampler, sigmas, denoise_mask, step_callback, disable_pbar,
-                              seed, **kwargs)
+            sample = executor(current, latent_image, sampler, sigmas, denoise_mask,
+                              _one_bar(callback, i * steps, passes), disable_pbar, seed, **kwargs)
         return sample
 
 

@@ -16,7 +16,9 @@ import torch
 
 from comfy.patcher_extension import WrappersMP
 
-KEY = "animatediff_motion.free_noise"
+from .motion_patcher import KEY as PACK_KEY
+
+KEY = PACK_KEY + ".free_noise"
 
 
 def reschedule_noise(noise: torch.Tensor, window: int, overlap: int, seed: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from comfy.patcher_extension import PatcherInjection, WrappersMP
 
 from ..motion_modules import MotionModuleConfig, VanillaTemporalModule, load_motion_module, read_state_dict
 from ..motion_modules.motion_lora import check_fits, lora_pairs
-from . import frame_groupnorm, placement, schedules
+from . import context_windows, frame_groupnorm, placement, schedules
 
 KEY = "animatediff_motion"
 PLAIN_PASS = "animatediff_motion_plain_pass"  # transformer_options flag: run the UNet without the modules
@@ -126,7 +126,7 @@ def _remove_previous(patched: ModelPatcher) -> None:
     for key, obj in list(patched.object_patches.items()):
         if isinstance(obj, frame_groupnorm.FrameGroupNorm) or getattr(obj, "animatediff_motion", False):
             del patched.object_patches[key]
-    for wrapper_type in (WrappersMP.DIFFUSION_MODEL, WrappersMP.APPLY_MODEL):
+    for wrapper_type in (WrappersMP.DIFFUSION_MODEL, WrappersMP.APPLY_MODEL, WrappersMP.OUTER_SAMPLE):
         patched.remove_wrappers_with_key(wrapper_type, KEY)
 
 
@@ -157,6 +157,7 @@ def apply_motion_module(model: ModelPatcher, motion: ModelPatcher, options: Moti
         for key, norm in frame_groupnorm.resnet_norm_patches(unet, frames).items():
             patched.add_object_patch(key, norm)
         patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, KEY, frame_groupnorm.frame_count_wrapper(frames))
+    patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, context_windows.adopt_stock_handler)
     if options.effect != 1.0:
         patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, KEY, _effect_wrapper(options.effect))
     return patched

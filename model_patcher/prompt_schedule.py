@@ -9,10 +9,8 @@ The schedule is the text format users know from batch prompt schedules::
 ``{`` ... ``}`` around it all, blank lines and ``#`` / ``//`` comment lines ignored).
 
 The host samples a CONDITIONING whose embedding batch equals the latent batch frame by frame (it repeats a
-batch of 1, keeps a batch of the same size, and truncates or repeats any other). Its context windows
-(``comfy.context_windows``) do not cut the per-frame model conds of a batch-dim (dim 0) window down to the window's
-frames, so every window would get the clip's first frames' prompts: :func:`install_window_cond_slicing` adds the
-missing slicing to a MODEL.
+batch of 1, keeps a batch of the same size, and truncates or repeats any other). Inside context windows each
+window gets its own frames' embeddings (model_patcher/context_windows.py).
 """
 from __future__ import annotations
 
@@ -25,7 +23,6 @@ import torch
 
 INTERPOLATIONS = ("linear", "hold")
 LINE_FORMAT = '"<frame>": "<prompt>",   e.g.  "0": "a cat in a garden",   (or  0: a cat in a garden)'
-WINDOW_COND_KEY = "animatediff_motion.window_conds"
 
 
 class PromptScheduleError(ValueError):
@@ -151,42 +148,3 @@ def blend(values: list[torch.Tensor], plan: list[tuple[int, int, float]]) -> tor
             va, vb = values[a].float(), values[b].float()
             out.append(((1.0 - t) * va + t * vb).to(values[a].dtype))
     return torch.cat(out)
-
-
-# --- the host: per-frame model conds inside context windows -------------------------------------------------
-
-def _slice_model_conds(cond: dict, index: list[int]) -> dict:
-    model_conds = cond.get("model_conds")
-    if not model_conds:
-        return cond
-    new, changed = dict(model_conds), False
-    for key, value in model_conds.items():
-        tensor = getattr(value, "cond", None)
-        # A per-frame tensor of the whole clip (the window's frames are a subset of it); one already cut to the
-        # window (a host that slices itself) or a single cond (batch 1, repeated by the host) stays.
-        if isinstance(tensor, torch.Tensor) and tensor.ndim > 0 and tensor.shape[0] > 1 \
-                and tensor.shape[0] != len(index) and tensor.shape[0] > max(index):
-            new[key] = value._copy_with(tensor[torch.tensor(index, device=tensor.device)])
-            changed = True
-    if not changed:
-        return cond
-    cond = cond.copy()
-    cond["model_conds"] = new
-    return cond
-
-
-def slice_window_conds(executor, model, conds, x_in, timestep, model_options):
-    """CALC_COND_BATCH wrapper: inside a context window, give each cond the window's frames of a per-frame cond."""
-    window = model_options.get("transformer_options", {}).get("context_window")
-    index = getattr(window, "index_list", None)
-    if index and getattr(window, "dim", 0) == 0 and x_in.shape[0] == len(index):
-        conds = [None if c is None else [_slice_model_conds(x, list(index)) for x in c] for c in conds]
-    return executor(model, conds, x_in, timestep, model_options)
-
-
-def install_window_cond_slicing(model) -> None:
-    """Make the host's context windows hand each window its own frames' conds (prompt travel); in place, once."""
-    from comfy.patcher_extension import WrappersMP
-
-    model.remove_wrappers_with_key(WrappersMP.CALC_COND_BATCH, WINDOW_COND_KEY)
-    model.add_wrapper_with_key(WrappersMP.CALC_COND_BATCH, WINDOW_COND_KEY, slice_window_conds)

@@ -45,10 +45,15 @@ class SaveVideo:
                                                "18 looks lossless, 23 is x264's default, 0 is lossless but most "
                                                "browsers can't play it. GIF and WebP ignore it (WebP is lossless)."}),
             },
+            "optional": {
+                "audio": ("AUDIO", {"tooltip": "Optional sound (e.g. from Load Video). MP4 only: stored as AAC, cut "
+                                               "or padded with silence to the video's length. GIF and WebP have no "
+                                               "sound and ignore it."}),
+            },
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }
 
-    def save(self, images, frame_rate, loop_count, filename_prefix, format, pingpong, quality,
+    def save(self, images, frame_rate, loop_count, filename_prefix, format, pingpong, quality, audio=None,
              prompt=None, extra_pnginfo=None):
         frames = (images[..., :3].clamp(0, 1) * 255).round().to(dtype=torch.uint8, device="cpu").numpy()
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
@@ -56,9 +61,23 @@ class SaveVideo:
         file = f"{name}_{counter:05}_{EXTENSIONS[format]}"
         path = write_video(frames, os.path.join(folder, file), format, frame_rate, loop=loop_count,
                            pingpong=pingpong, quality=quality if format == "mp4" else None,
-                           metadata=_metadata(prompt, extra_pnginfo))
+                           metadata=_metadata(prompt, extra_pnginfo),
+                           audio=_audio(audio) if format == "mp4" else None)
         ui = {"images": [{"filename": file, "subfolder": subfolder, "type": "output"}], "animated": (True,)}
         return {"ui": ui, "result": (path,)}
+
+
+def _audio(audio):
+    """The host's AUDIO ({"waveform": [batch, channels, samples], "sample_rate"}) as (float32 [channels, samples],
+    rate) for write_video; None for no audio or an empty one. A batch of several clips uses the first."""
+    if not audio or audio.get("waveform") is None:
+        return None
+    waveform = audio["waveform"]
+    if waveform.dim() == 3:
+        waveform = waveform[0]
+    if waveform.shape[-1] == 0:
+        return None
+    return waveform.detach().to(device="cpu", dtype=torch.float32).numpy(), int(audio["sample_rate"])
 
 
 def _metadata(prompt, extra_pnginfo):

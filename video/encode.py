@@ -39,6 +39,11 @@ WEBP_PROMPT_TAG = 0x0110
 WEBP_FIRST_TAG = 0x010F
 WEBP_LAST_TAG = 0x0104  # do not go further down, into the image-structure tags (width, compression, ...)
 
+# MP4 sound: AAC at one of the sample rates the format defines (anything else is resampled to the nearest).
+AAC_RATES = (7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
+MIN_AUDIO_RATE, MAX_AUDIO_RATE = 1000, 384000
+AUDIO_LAYOUTS = ("mono", "stereo", "2.1", "quad", "5.0", "5.1", "6.1", "7.1")  # FFmpeg's default per channel count
+
 # MP4: colour tags written into the stream (BT.709 matrix/primaries/transfer, limited "TV" range), matching the
 # matrix used for the RGB -> YUV conversion, so players and read_video() convert back with the same matrix.
 _BT709 = 1
@@ -47,7 +52,8 @@ _RANGE_MPEG = 1
 
 def write_video(frames: np.ndarray, path: str | os.PathLike, fmt: str | None, fps: float, loop: int = 0,
                 pingpong: bool = False, quality: int | None = None,
-                metadata: Mapping[str, Any] | None = None) -> str:
+                metadata: Mapping[str, Any] | None = None,
+                audio: tuple[np.ndarray, int] | None = None) -> str:
     """Encode ``frames`` (uint8 ``[N, H, W, 3]`` RGB) to ``path`` and return the path written.
 
     fmt:      "mp4" (H.264/yuv420p via libx264), "gif" or "webp" (animated); None = from the file extension.
@@ -61,6 +67,9 @@ def write_video(frames: np.ndarray, path: str | os.PathLike, fmt: str | None, fp
     metadata: key -> text (non-strings are JSON-encoded), e.g. {"prompt": ..., "workflow": ...}; stored as MP4
               container tags, as WebP EXIF the way ComfyUI does (drag-and-drop loads the workflow), and as one GIF
               comment holding a JSON object.
+    audio:    (waveform float [channels, samples] in -1..1, sample rate) or None. MP4 only: encoded as AAC
+              (FFmpeg's native encoder) and cut or padded with silence to the video's length (after pingpong);
+              a rate AAC cannot store is resampled to the nearest one it can. GIF and WebP have no sound: ignored.
 
     GIF and WebP encoders merge consecutive identical frames into one longer frame (timing is kept), so such
     files decode to fewer frames. MP4 needs even sizes for yuv420p: odd widths/heights are padded by repeating the
@@ -72,6 +81,7 @@ def write_video(frames: np.ndarray, path: str | os.PathLike, fmt: str | None, fp
     loop = _check_loop(loop)
     quality = _check_quality(quality, fmt)
     metadata = _check_metadata(metadata)
+    audio = _check_audio(audio) if fmt == "mp4" else None
     if pingpong and len(frames) > 2:
         frames = np.concatenate([frames, frames[-2:0:-1]], axis=0)
 
@@ -80,7 +90,7 @@ def write_video(frames: np.ndarray, path: str | os.PathLike, fmt: str | None, fp
     os.makedirs(folder, exist_ok=True)
     tmp = _create_temp(folder, os.path.basename(path))
     try:
-        _ENCODERS[fmt](frames, tmp, fps, loop, quality, metadata)
+        _ENCODERS[fmt](frames, tmp, fps, loop, quality, metadata, audio)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -155,6 +165,31 @@ def _check_quality(quality, fmt: str) -> int | None:
     if isinstance(quality, bool) or not isinstance(quality, (int, np.integer)) or not lo <= quality <= hi:
         raise ValueError(f"quality={quality!r} is out of range for {fmt}: it is {meaning}, an integer {lo}..{hi}.")
     return int(quality)
+
+
+def _check_audio(audio) -> tuple[np.ndarray, int] | None:
+    if audio is None:
+        return None
+    try:
+        waveform, rate = audio
+    except (TypeError, ValueError):
+        raise ValueError("audio must be None or (waveform [channels, samples], sample_rate).") from None
+    wave = np.asarray(waveform, dtype=np.float32)
+    if wave.ndim == 1:
+        wave = wave[None]
+    if wave.ndim != 2 or not 1 <= wave.shape[0] <= len(AUDIO_LAYOUTS):
+        raise ValueError(f"audio waveform must have shape [channels, samples] with 1 to {len(AUDIO_LAYOUTS)} "
+                         f"channels, got shape {tuple(wave.shape)}.")
+    whole = isinstance(rate, (int, np.integer, float, np.floating)) and not isinstance(rate, bool) and \
+        math.isfinite(rate) and rate == int(rate)
+    if not whole or not MIN_AUDIO_RATE <= rate <= MAX_AUDIO_RATE:
+        raise ValueError(f"audio sample rate must be a whole number of Hz from {MIN_AUDIO_RATE} to "
+                         f"{MAX_AUDIO_RATE}, got {rate!r}.")
+    if wave.shape[1] == 0:
+        return None
+    if not np.isfinite(wave).all():
+        raise ValueError("audio waveform contains NaN or infinite samples.")
+    return np.clip(wave, -1.0, 1.0), int(rate)
 
 
 def _check_metadata(metadata) -> dict[str, str]:
@@ -235,7 +270,7 @@ def _gif_palettised(frames: np.ndarray):
     return [image.quantize(palette=palette, dither=Image.Dither.FLOYDSTEINBERG) for image in _pil_frames(frames)]
 
 
-def _write_gif(frames, path, fps, loop, quality, metadata):
+def _write_gif(frames, path, fps, loop, quality, metadata, audio=None):  # no sound in GIF
     delays = frame_delays_ms(len(frames), fps, unit_ms=10, minimum_units=GIF_MIN_DELAY_CS)
     if 100.0 / fps < GIF_MIN_DELAY_CS:
         log.warning("GIF cannot play faster than %d fps in browsers; %.3g fps is written as %d ms per frame.",
@@ -275,7 +310,7 @@ def webp_exif(metadata: Mapping[str, str]):
     return exif
 
 
-def _write_webp(frames, path, fps, loop, quality, metadata):
+def _write_webp(frames, path, fps, loop, quality, metadata, audio=None):  # no sound in WebP
     images = _pil_frames(frames)
     options: dict[str, Any] = {"save_all": True, "append_images": images[1:], "loop": loop,
                                "duration": frame_delays_ms(len(frames), fps), "method": 4}
@@ -290,7 +325,7 @@ def _write_webp(frames, path, fps, loop, quality, metadata):
 
 # --- MP4 --------------------------------------------------------------------------------------------------------
 
-def _write_mp4(frames, path, fps, loop, quality, metadata):
+def _write_mp4(frames, path, fps, loop, quality, metadata, audio=None):
     import av
     from av.video.reformatter import Interpolation
 
@@ -312,6 +347,7 @@ def _write_mp4(frames, path, fps, loop, quality, metadata):
         ctx = stream.codec_context
         ctx.colorspace = ctx.color_primaries = ctx.color_trc = _BT709
         ctx.color_range = _RANGE_MPEG
+        sound = _AacTrack(container, audio, n / rate) if audio is not None else None
         for i in range(n):
             rgb = frames[i]
             if pad_h or pad_w:
@@ -322,7 +358,61 @@ def _write_mp4(frames, path, fps, loop, quality, metadata):
             frame.pts = i
             frame.time_base = 1 / rate
             container.mux(stream.encode(frame))
+            if sound is not None:  # interleave: the sound up to the end of this frame
+                sound.write_until((i + 1) / rate)
         container.mux(stream.encode(None))
+        if sound is not None:
+            sound.finish()
+
+
+class _AacTrack:
+    """The MP4's AAC stream, fed in pieces between the video frames; exactly `duration` seconds long."""
+
+    def __init__(self, container, audio, duration):
+        waveform, rate = audio
+        channels = waveform.shape[0]
+        layout = AUDIO_LAYOUTS[channels - 1]
+        aac_rate = min(AAC_RATES, key=lambda r: (abs(r - rate), -r))
+        if aac_rate != rate:
+            log.info("AAC cannot store %d Hz: resampling the sound to %d Hz.", rate, aac_rate)
+            waveform = _resample(waveform, rate, aac_rate, layout)
+            rate = aac_rate
+        total = round(duration * rate)
+        if waveform.shape[1] < total:  # pad with silence / cut to the video's length
+            waveform = np.pad(waveform, ((0, 0), (0, total - waveform.shape[1])))
+        self.waveform = np.ascontiguousarray(waveform[:, :total], dtype=np.float32)
+        self.rate, self.layout, self.written = rate, layout, 0
+        self.container = container
+        self.stream = container.add_stream("aac", rate=rate, layout=layout)
+
+    def write_until(self, seconds):
+        import av
+
+        end = min(self.waveform.shape[1], round(seconds * self.rate))
+        if end <= self.written:
+            return
+        frame = av.AudioFrame.from_ndarray(self.waveform[:, self.written:end], format="fltp", layout=self.layout)
+        frame.sample_rate = self.rate
+        frame.pts = self.written
+        frame.time_base = Fraction(1, self.rate)
+        self.container.mux(self.stream.encode(frame))
+        self.written = end
+
+    def finish(self):
+        self.write_until(self.waveform.shape[1] / self.rate)
+        self.container.mux(self.stream.encode(None))
+
+
+def _resample(waveform: np.ndarray, rate: int, new_rate: int, layout: str) -> np.ndarray:
+    import av
+
+    resampler = av.AudioResampler(format="fltp", layout=layout, rate=new_rate)
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(waveform), format="fltp", layout=layout)
+    frame.sample_rate = rate
+    frame.pts = 0
+    frame.time_base = Fraction(1, rate)
+    parts = [f.to_ndarray() for f in [*resampler.resample(frame), *resampler.resample(None)]]
+    return np.concatenate(parts, axis=1) if parts else np.zeros((waveform.shape[0], 0), np.float32)
 
 
 _ENCODERS = {"gif": _write_gif, "webp": _write_webp, "mp4": _write_mp4}

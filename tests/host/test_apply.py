@@ -17,10 +17,10 @@ FRAMES = 6
 
 
 def sample(model, frames=FRAMES, seed=3):
-    torch.manual_seed(seed)
-    noise = torch.randn(frames, 4, 8, 8)
-    positive = [[torch.randn(1, 77, 32), {}]]
-    negative = [[torch.randn(1, 77, 32), {}]]
+    g = torch.Generator().manual_seed(seed)
+    positive = [[torch.randn(1, 77, 32, generator=g), {}]]
+    negative = [[torch.randn(1, 77, 32, generator=g), {}]]
+    noise = torch.randn(frames, 4, 8, 8, generator=g)
     return comfy.sample.sample(model, noise, 2, 5.0, "euler", "normal", positive, negative,
                                torch.zeros_like(noise), seed=seed, disable_pbar=True)
 

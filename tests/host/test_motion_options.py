@@ -20,9 +20,9 @@ def model():
 
 
 def sample(model, frames=4, steps=2, seed=3):
-    torch.manual_seed(seed)
-    noise = torch.randn(frames, 4, 8, 8)
-    cond = [[torch.randn(1, 77, 32), {}]]
+    g = torch.Generator().manual_seed(seed)
+    cond = [[torch.randn(1, 77, 32, generator=g), {}]]
+    noise = torch.randn(frames, 4, 8, 8, generator=g)
     return comfy.sample.sample(model, noise, steps, 5.0, "euler", "normal", cond, cond, torch.zeros_like(noise),
                                seed=seed, disable_pbar=True)
 
@@ -116,7 +116,8 @@ def test_per_frame_scale_follows_absolute_frame_indices():
 def test_per_frame_scale_of_zero_leaves_that_frame_to_the_other_frames_only(model):
     motion = motion_patcher()
     ones = sample(apply_motion_module(model, motion, MotionOptions(scale=(1.0,) * 4, **PLAIN)))
-    torch.testing.assert_close(ones, sample(apply_motion_module(model, motion, MotionOptions(**PLAIN))))
+    torch.testing.assert_close(ones, sample(apply_motion_module(model, motion, MotionOptions(**PLAIN))),
+                               rtol=1e-4, atol=1e-3)  # a per-frame multiply instead of a scalar one: rounding only
     mixed = sample(apply_motion_module(model, motion, MotionOptions(scale=(1.0, 1.0, 1.0, 0.0), **PLAIN)))
     assert not torch.allclose(mixed[3], ones[3], rtol=1e-4, atol=1e-3)
 

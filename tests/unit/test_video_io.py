@@ -213,7 +213,8 @@ def test_loop_count_is_stored(tmp_path, fmt, loop):
 
 def test_probe_reports_the_basics(tmp_path):
     info = probe(write_video(natural_frames(n=8), tmp_path / "a.mp4", "mp4", 12.5))
-    assert info == {"format": "mp4", "width": 64, "height": 48, "frames": 8, "fps": 12.5, "loop": None}
+    assert info == {"format": "mp4", "width": 64, "height": 48, "frames": 8, "fps": 12.5, "duration": 0.64,
+                    "has_audio": False, "loop": None}
 
 
 # --- metadata -----------------------------------------------------------------------------------------------------
