@@ -76,3 +76,10 @@ def test_motion_lora_workflow_changes_the_clip(server, tmp_path, e2e_motion_lora
     with_lora, _ = run(server, tmp_path / "lora", "motion_lora_api.json", overrides=[f"10.lora_name={e2e_motion_lora}"])
     assert with_lora.shape == plain.shape
     assert np.abs(with_lora.astype(int) - plain.astype(int)).mean() > 0.5
+
+
+def test_prompt_travel_workflow_samples_per_frame_prompts_in_windows(server, tmp_path):
+    keyframes = '"0": "a red fox in the snow",\n"12": "a white owl at night"'
+    frames, _ = run(server, tmp_path, "prompt_travel_api.json",
+                    overrides=["6.batch_size=20", "4.frames=20", f"4.text={json.dumps(keyframes)}"])
+    assert frames.shape == (20, 64, 64, 3)
