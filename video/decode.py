@@ -30,13 +30,12 @@ def sniff_format(path: str | os.PathLike) -> str:
 
 
 def read_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[np.ndarray, float]:
-    """Decode a video/animation to (uint8 frames [N, H, W, 3] RGB, frames per second).
-
-    GIF/WebP are read with Pillow (fps = frame count / total duration); anything else with PyAV, where the YUV ->
-    RGB conversion uses the matrix and range the stream is tagged with. ``max_frames`` stops early. fps is 0.0 when
-    the file stores no timing (e.g. a single-frame WebP)."""
-    frames, info = _read(path, max_frames)
-    return frames, info["fps"]
+    """Decode a video/animation/image folder to (uint8 frames [N, H, W, 3] RGB, frames per second as ``probe``
+    reports it). ``max_frames`` stops early."""
+    frames = list(iter_frames(path, count=max_frames))
+    if not frames:
+        raise _unreadable(path, "it contains no decodable video frames")
+    return np.stack(frames), probe(path)["fps"]
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -74,54 +73,6 @@ def _parse_gif_comment(comment) -> dict[str, str]:
     if isinstance(data, dict) and all(isinstance(v, str) for v in data.values()):
         return data
     return {"comment": text}
-
-
-def _read(path, max_frames):
-    kind = sniff_format(path)
-    if kind == "video":
-        return _read_pyav(path, max_frames)
-    return _read_pillow(path, kind, max_frames)
-
-
-def _read_pillow(path, kind, max_frames):
-    from PIL import Image, ImageSequence
-
-    frames, durations = [], []
-    with Image.open(path) as image:
-        raw_loop = image.info.get("loop")
-        for frame in ImageSequence.Iterator(image):
-            if max_frames is not None and len(frames) >= max_frames:
-                break
-            frames.append(np.asarray(frame.convert("RGB")))
-            durations.append(frame.info.get("duration", 0) or 0)
-    total = sum(durations)
-    fps = 1000.0 * len(frames) / total if total > 0 else 0.0
-    if kind == "gif":  # NETSCAPE count = repeats: absent -> plays once, 0 -> forever, n -> n + 1 plays
-        loop = 1 if raw_loop is None else (0 if raw_loop == 0 else raw_loop + 1)
-    else:
-        loop = raw_loop if len(frames) > 1 else None
-    return np.stack(frames), {"format": kind, "fps": fps, "loop": loop}
-
-
-def _read_pyav(path, max_frames):
-    import av
-
-    frames = []
-    with av.open(os.fspath(path)) as container:
-        if not container.streams.video:
-            raise ValueError(f"{os.fspath(path)!r} has no video stream.")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        names = container.format.name.split(",")  # e.g. "mov,mp4,m4a,3gp,3g2,mj2"
-        fmt = "mp4" if "mp4" in names else names[0]
-        for frame in container.decode(stream):
-            if max_frames is not None and len(frames) >= max_frames:
-                break
-            frames.append(_rgb24(frame))
-    if not frames:
-        raise ValueError(f"{os.fspath(path)!r} contains no decodable video frames.")
-    return np.stack(frames), {"format": fmt, "fps": float(rate) if rate else 0.0, "loop": None}
 
 
 def _rgb24(frame) -> np.ndarray:
