@@ -200,6 +200,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return cmd_run(args)
 
 
+# ------------------------------------------------------------------------------------ bench (issue 7)
+
+@command
+def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
+    from . import bench
+
+    parser = subparsers.add_parser(
+        "bench", help="time sampling with and without a motion module inside the host (random weights)",
+        description="Sample the same N-frame latent batch with the host's SD1.5 UNet plain and with a full-size "
+                    "motion module (random weights), in interleaved pairs, in-process; report the time ratio, "
+                    "the FLOP ratio, peak memory and the time of single temporal blocks.")
+    bench.add_arguments(parser)
+    parser.set_defaults(func=lambda args: bench.run(args))
+
+
+# ------------------------------------------------------------------------------------ train (issue 5)
+
+@command
+def add_train_command(subparsers: argparse._SubParsersAction) -> None:
+    """``train``: train a motion module / motion LoRA in this process; options and run live in training/cli.py."""
+    from .extension import import_extension_module
+    import_extension_module("training.cli").add_parser(subparsers)
+
+
 # ------------------------------------------------------------------------------------ entry point
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,9 +1,9 @@
 """The node classes, registered with the host under the ``ADM_`` prefix."""
 from ..model_patcher import folders
-from . import context, load_video, motion, prompt_travel, sampling_options, save_video
+from . import context, load_video, motion, prompt_travel, sampling_options, save_video, training
 
 folders.register()
 
-_MODULES = (motion, context, prompt_travel, sampling_options, load_video, save_video)
+_MODULES = (motion, context, prompt_travel, sampling_options, load_video, save_video, training)
 NODE_CLASS_MAPPINGS = {k: v for m in _MODULES for k, v in m.NODE_CLASS_MAPPINGS.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {k: v for m in _MODULES for k, v in m.NODE_DISPLAY_NAME_MAPPINGS.items()}
