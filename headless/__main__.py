@@ -224,6 +224,38 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
     import_extension_module("training.cli").add_parser(subparsers)
 
 
+# ------------------------------------------------------------------------------------ ui: API -> UI format
+
+@command
+def add_ui_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "ui", help="write the UI-format twin of an API-format workflow (for workflows/)",
+        description="Convert an API-format workflow into the UI format the editor loads, using the server's "
+                    "/object_info for widget order and output types; the result converts back to the same API "
+                    "workflow.")
+    parser.add_argument("workflow", type=Path, help="API-format workflow JSON")
+    parser.add_argument("--out", metavar="FILE", type=Path, help="default: the input name without _api")
+    add_server_options(parser)
+    parser.set_defaults(func=cmd_ui)
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import urllib.request
+    from .to_ui import api_to_ui
+
+    api = load_workflow(args.workflow)
+    out = args.out or args.workflow.with_name(args.workflow.name.replace("_api.json", ".json"))
+    if out == args.workflow:
+        err("error: give --out (the input has no _api suffix to drop)")
+        return EXIT_USAGE
+    with server_from_args(args) as (url, _server):
+        with urllib.request.urlopen(url + "/object_info", timeout=120) as response:
+            object_info = json.load(response)
+    out.write_text(json.dumps(api_to_ui(api, object_info), indent=1) + "\n")
+    print(out)
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------ entry point
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """API format -> UI format, so every workflow we ship exists in both from one source (the API file).
 
 Widget values go into ``widgets_values`` in the order of the node's /object_info inputs (a linked widget
-keeps a placeholder, as the editor does; seeds get their "control after generate" value); links become
+keeps a stand-in value, as the editor does; seeds get their "control after generate" value); links become
 editor links. Nodes are laid out in columns by their depth in the graph.
 """
 from __future__ import annotations
