@@ -170,7 +170,8 @@ class TrainMotionModule:
         key = folders.MOTION_LORAS if lora_rank else folders.MOTION_MODULES
         out = _free_path(Path(folder_paths.get_folder_paths(key)[0]), stem)
         state_dir = Path(folder_paths.get_output_directory()) / TRAINING_FOLDER / stem
-        start_from = loop.latest_state(state_dir) if resume else _clear_states(state_dir)
+        if not resume:
+            _clear_states(state_dir)
         init = None if init_motion_module == NEW else folders.full_path(folders.MOTION_MODULES, init_motion_module)
         options = loop.TrainingOptions(steps=steps, batch_size=batch_size, learning_rate=learning_rate,
                                        lr_schedule=lr_schedule,
@@ -179,7 +180,8 @@ class TrainMotionModule:
                                        save_every=save_every, state_dir=str(state_dir))
         with torch.inference_mode(False), torch.enable_grad():  # the host runs nodes in inference mode
             result, path = loop.train_motion(model, clip, vae, dataset, options, out, init, LAYOUTS[new_module_layout],
-                                             lora_rank, lora_scale, _Progress(steps, unique_id), start_from)
+                                             lora_rank, lora_scale, _Progress(steps, unique_id),
+                                             loop.latest_state(state_dir) if resume else None)
         if result.stopped:
             raise comfy.model_management.InterruptProcessingException()
         summary = (f"{path.name}: {result.steps} steps, final loss {result.losses[-1]:.4f}, "
@@ -241,7 +243,6 @@ def _clear_states(folder: Path) -> None:
         path.unlink()
     if old:
         log.info("removed %d earlier training states in %s (resume is off)", len(old), folder)
-    return None
 
 
 NODE_CLASS_MAPPINGS = {"ADM_VideoDataset": VideoDataset, "ADM_TrainMotionModule": TrainMotionModule}

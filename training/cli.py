@@ -212,8 +212,12 @@ def run(args: argparse.Namespace) -> int:
             resume = loop.latest_state(state_dir)
             if resume is None:
                 print(f"no training state in {state_dir}: starting from step 0", file=sys.stderr)
-        model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(args.checkpoint), output_vae=True,
-                                                                 output_clip=True)[:3]
+        try:
+            model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(args.checkpoint), output_vae=True,
+                                                                     output_clip=True)[:3]
+        except RuntimeError as e:  # the host's "could not detect model type", a damaged file
+            print(f"error: {args.checkpoint.name} cannot be loaded as a checkpoint: {e}", file=sys.stderr)
+            return EXIT_FAILED
         result, path = loop.train_motion(model, clip, vae, dataset, options, out, init=args.init, style=args.layout,
                                          lora_rank=args.lora_rank, lora_scale=args.lora_scale, progress=printer,
                                          resume=resume, save_dtype=args.save_dtype, lora_init=args.lora_init)

@@ -22,7 +22,6 @@ import collections
 import contextlib
 import functools
 import hashlib
-import io
 import logging
 import math
 import os
@@ -458,119 +457,142 @@ def train(model, source: ExampleSource, trainee: Trainee, options: TrainingOptio
 
     Under torch.distributed (initialised by the caller) every process runs this with its own shard of the
     data; gradients are averaged by DistributedDataParallel, so all processes end with the same weights.
-    ``progress`` is called after every step and may return True to stop early (the state is then saved).
-    ``resume`` is a training state written by an earlier run with the same options and trainee.
+    ``progress`` is called after every step and may return True to stop early (the state is then saved, as
+    when the host's cancel interrupts a step). ``resume`` is a training state written by an earlier run of the
+    same trainee and options; the run then continues exactly as if it had never stopped.
     """
     if model.injections.get(APPLIED_MOTION_KEY):
         raise TrainingError("this MODEL already has a motion module applied (Apply Motion Module). Connect the "
                             "checkpoint's MODEL directly; to continue training a motion module, choose it as init.")
-    rank, world = _rank_world()
-    target = prediction_target(model)
-    unet = model.model.diffusion_model
-    device = comfy.model_management.get_torch_device()
-    trainable = trainee.trainable
-    trainee.module.to(device)
-    trainable.to(device)
-    params = [p for p in trainable.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=options.learning_rate, betas=(0.9, 0.999), eps=1e-8,
-                                  weight_decay=options.weight_decay)
-    alphas = training_alphas(model, options.noise_schedule)
-    sampler = ShardedSampler(len(source), options.batch_size, options.seed, rank, world)
-    generator = torch.Generator().manual_seed(options.seed * 1000 + rank)  # noise and timesteps, on the CPU
-    autocast = _autocast_dtype(device, options.precision)
-    unet_dtype = model.model.manual_cast_dtype or model.model.get_dtype()
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and torch.float16 in (autocast, unet_dtype))
-    losses: list[float] = []
-    start = 0
-    state_path = None
-
-    with _seeded_global_rngs(options.seed + rank):
+    if options.save_every and not options.state_dir:
+        raise TrainingError("save_every needs a state_dir to write the training states into.")
+    run = _Run(model, source, trainee, options)
+    with _seeded_global_rngs(options.seed + run.rank):
         if resume is not None:
-            start, losses = _load_state(resume, trainee, optimizer, scaler, sampler, generator, rank, world, options)
-            state_path = Path(resume)
-        if options.save_every and not options.state_dir:
-            raise TrainingError("save_every needs a state_dir to write the training states into.")
-        recompute = options.gradient_checkpointing
-        transformer_options = _transformer_options(model, trainee, recompute in ("motion", "full"))
-        loss_fn = functools.partial(_denoising_loss, unet, transformer_options, alphas.to(device), target, unet_dtype)
-        step_module: nn.Module = _DenoisingLoss(trainable, loss_fn)
-        if world > 1:
-            step_module = nn.parallel.DistributedDataParallel(
-                step_module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-        memory = sum(p.numel() for p in trainable.parameters()) * 16  # weights, grads, two AdamW moments
-        flags = {name: p.requires_grad for name, p in unet.named_parameters()}
+            run.resume(Path(resume))
+        return run.loop(progress)
+
+
+class _Run:
+    """One training run: the optimizer, sampler and noise generator, and what they hold between steps."""
+
+    def __init__(self, model, source: ExampleSource, trainee: Trainee, options: TrainingOptions):
+        self.model, self.source, self.trainee, self.options = model, source, trainee, options
+        self.rank, self.world = _rank_world()
+        self.unet = model.model.diffusion_model
+        self.device = device = comfy.model_management.get_torch_device()
+        trainee.module.to(device)
+        trainee.trainable.to(device)
+        self.params = [p for p in trainee.trainable.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=options.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+                                           weight_decay=options.weight_decay)
+        self.alphas = training_alphas(model, options.noise_schedule)
+        self.sampler = ShardedSampler(len(source), options.batch_size, options.seed, self.rank, self.world)
+        self.generator = torch.Generator().manual_seed(options.seed * 1000 + self.rank)  # noise, timesteps (CPU)
+        self.autocast = _autocast_dtype(device, options.precision)
+        unet_dtype = model.model.manual_cast_dtype or model.model.get_dtype()
+        self.scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda"
+                                           and torch.float16 in (self.autocast, unet_dtype))
+        self.memory = sum(p.numel() for p in trainee.trainable.parameters()) * 16  # weights, grads, AdamW moments
+        self.losses: list[float] = []
+        self.start = 0
+        self.state_path: Path | None = None
+        recompute = options.gradient_checkpointing in ("motion", "full")
+        loss_fn = functools.partial(_denoising_loss, self.unet, _transformer_options(model, trainee, recompute),
+                                    self.alphas.to(device), prediction_target(model), unet_dtype)
+        self.step_module: nn.Module = _DenoisingLoss(trainee.trainable, loss_fn)
+        if self.world > 1:
+            self.step_module = nn.parallel.DistributedDataParallel(
+                self.step_module, device_ids=[device.index] if device.type == "cuda" else None,
+                broadcast_buffers=False)
+
+    def resume(self, path: Path) -> None:
+        self.start, self.losses = _load_state(path, self.trainee, self.optimizer, self.scaler, self.sampler,
+                                              self.generator, self.rank, self.world, self.options)
+        self.state_path = path
+
+    def loop(self, progress: ProgressFn | None) -> TrainingResult:
+        options, device = self.options, self.device
+        flags = {name: p.requires_grad for name, p in self.unet.named_parameters()}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        began, stopped = time.perf_counter(), False
         log.info("training a %s (%s, %d trainable parameters) for steps %d..%d on %s, %d process(es)",
-                 trainee.kind, trainee.module.config.family, sum(p.numel() for p in params), start + 1,
-                 options.steps, device, world)
-        def run_step(step: int) -> Tensor:
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(options, step)
-            batch = [source.example(index, rng) for index, rng in sampler.next_batch()]
-            frames = batch[0].latents.shape[0]
-            latents = torch.stack([e.latents for e in batch]).float()       # b f c h w
-            timesteps = torch.randint(0, len(alphas), (len(batch),), generator=generator)
-            noise = torch.randn(latents.shape, generator=generator)
-            context = _stack_contexts([e.context for e in batch], frames)
-            y = torch.cat([e.y for e in batch]).repeat_interleave(frames, 0) if batch[0].y is not None else None
-
-            comfy.model_management.load_models_gpu([model], memory_required=memory)
-            _materialize_inference_tensors(unet)
-            unet.requires_grad_(False)
-            with inserted(unet, trainee, recompute_images=recompute == "full"):
-                with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
-                    loss = step_module(latents.to(device), noise.to(device), timesteps.to(device),
-                                       context.to(device), None if y is None else y.to(device))
-                scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            if options.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, options.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            return loss.detach().float()
-
-        def save(step: int, sampler_state: dict, rng: dict) -> Path:
-            return _save_state(Path(options.state_dir), step, trainee, optimizer, scaler, sampler_state, rng,
-                               losses, options, rank, world)
-
+                 self.trainee.kind, self.trainee.module.config.family, sum(p.numel() for p in self.params),
+                 self.start + 1, options.steps, device, self.world)
+        began, stopped = time.perf_counter(), False
         try:
-            for step in range(start, options.steps):
-                before = (sampler.state_dict(), _rng_state(generator))  # a state saved mid-step holds these
+            for step in range(self.start, options.steps):
+                before = (self.sampler.state_dict(), _rng_state(self.generator))  # what a mid-step state holds
                 try:
-                    reported = run_step(step)
+                    loss = self.step(step)
                 except comfy.model_management.InterruptProcessingException:
-                    # The host's cancel button, raised from inside the forward pass (before the optimizer ran):
-                    # save the last completed step so the run can resume exactly, then report the stop.
-                    optimizer.zero_grad(set_to_none=True)
-                    if options.state_dir and world == 1 and step > start:
-                        state_path = save(step, *before)
+                    # The host's cancel, raised inside the forward pass (before the optimizer ran): keep the last
+                    # completed step so that the run resumes exactly, and report the stop.
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if options.state_dir and self.world == 1 and step > self.start:
+                        self.save(step, *before)
                     stopped = True
                     break
-                if world > 1:
-                    dist.all_reduce(reported)
-                    reported /= world
-                losses.append(reported.item())
-                stop = bool(progress(step + 1, options.steps, losses[-1], losses)) if progress else False
-                if world > 1:
-                    flag = torch.tensor([float(stop)], device=device)
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                    stop = bool(flag.item())
+                self.losses.append(loss)
+                stop = bool(progress(step + 1, options.steps, loss, self.losses)) if progress else False
+                stop = self._agree(stop)
                 due = step + 1 == options.steps or (options.save_every and (step + 1) % options.save_every == 0)
                 if options.state_dir and (stop or due):
-                    state_path = save(step + 1, sampler.state_dict(), _rng_state(generator))
+                    self.save(step + 1, self.sampler.state_dict(), _rng_state(self.generator))
                 if stop:
                     stopped = True
                     break
         finally:
-            for name, p in unet.named_parameters():
+            for name, p in self.unet.named_parameters():
                 p.requires_grad_(flags.get(name, p.requires_grad))
-    seconds = time.perf_counter() - began
-    ran = max(1, len(losses) - start)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss()
-    return TrainingResult(losses, len(losses), stopped, seconds, seconds / ran, peak, state_path)
+        seconds = time.perf_counter() - began
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss()
+        return TrainingResult(self.losses, len(self.losses), stopped, seconds,
+                              seconds / max(1, len(self.losses) - self.start), peak, self.state_path)
+
+    def step(self, step: int) -> float:
+        """One optimizer step; returns its loss (averaged over processes)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.options, step)
+        batch = [self.source.example(index, rng) for index, rng in self.sampler.next_batch()]
+        frames = batch[0].latents.shape[0]
+        latents = torch.stack([e.latents for e in batch]).float()                   # b f c h w
+        timesteps = torch.randint(0, len(self.alphas), (len(batch),), generator=self.generator)
+        noise = torch.randn(latents.shape, generator=self.generator)
+        context = _stack_contexts([e.context for e in batch], frames)                # (b f) n d
+        y = torch.cat([e.y for e in batch]).repeat_interleave(frames, 0) if batch[0].y is not None else None
+        inputs = [t.to(self.device) if t is not None else None for t in (latents, noise, timesteps, context, y)]
+
+        comfy.model_management.load_models_gpu([self.model], memory_required=self.memory)
+        _materialize_inference_tensors(self.unet)
+        self.unet.requires_grad_(False)
+        with inserted(self.unet, self.trainee, recompute_images=self.options.gradient_checkpointing == "full"):
+            with torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext():
+                loss = self.step_module(*inputs)
+            self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        if self.options.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.options.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = loss.detach().float()
+        if self.world > 1:
+            dist.all_reduce(loss)
+            loss /= self.world
+        return loss.item()
+
+    def _agree(self, stop: bool) -> bool:
+        """Every process stops when one is asked to."""
+        if self.world == 1:
+            return stop
+        flag = torch.tensor([float(stop)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def save(self, step: int, sampler_state: dict, rng: dict) -> None:
+        self.state_path = _save_state(Path(self.options.state_dir), step, self.trainee, self.optimizer, self.scaler,
+                                      sampler_state, rng, self.losses, self.options, self.rank, self.world)
 
 
 def _denoising_loss(unet, transformer_options: dict, alphas: Tensor, target: str, unet_dtype: torch.dtype,
@@ -786,7 +808,12 @@ def train_motion(model, clip, vae, dataset: VideoDataset, options: TrainingOptio
     trainee = make_trainee(model.model.diffusion_model, init, style, dataset.spec.frames, lora_rank, lora_scale,
                            lora_init, options.seed)
     source = VideoExamples(dataset, model, clip, vae)
-    result = train(model, source, trainee, options, progress, resume)
+    try:
+        result = train(model, source, trainee, options, progress, resume)
+    finally:
+        trainee.module.to("cpu")  # give the device memory back to the host
+        trainee.trainable.to("cpu")
+        comfy.model_management.soft_empty_cache()
     if source.cache is not None:
         log.info("latent cache: %d clips read from %s, %d encoded", source.cache.hits, dataset.latent_cache,
                  source.cache.misses)

@@ -11,7 +11,7 @@ import comfy.model_management
 from adm.model_patcher.motion_patcher import add_motion_lora, apply_motion_module, load_motion_patcher
 from adm.motion_modules import MotionModuleError, detect, load_motion_module, read_state_dict
 from adm.training import loop
-from adm.training.lora import MotionLoRA, merge_motion_lora
+from adm.training.lora import merge_motion_lora
 from unets import tiny_sd15_patcher
 
 pytestmark = pytest.mark.training
