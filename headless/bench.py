@@ -13,7 +13,6 @@ block in isolation at the C=320 64x64 and C=1280 8x8 shapes of a 512x512 clip, a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -183,7 +182,8 @@ def time_pairs(args, sample, plain, animated) -> dict:
                        "load_average_1min": load})
         if rounds[-1]["ratio"]["iqr_pct"] <= args.max_spread:
             break
-        log(f"  spread {rounds[-1]['ratio']['iqr_pct']:.1f}% > {args.max_spread}%: running the pairs again")
+        if n + 1 < args.rounds:
+            log(f"  spread {rounds[-1]['ratio']['iqr_pct']:.1f}% > {args.max_spread}%: running the pairs again")
     best = min(rounds, key=lambda r: r["ratio"]["iqr_pct"])
     return {"rounds": rounds, "reported_round": rounds.index(best) + 1, **best}
 
@@ -306,7 +306,8 @@ def cpu_memory(args: argparse.Namespace) -> dict:
         argv = [sys.executable, "-m", "headless.bench", "--memory-probe", variant, "--comfyui", str(args.comfyui),
                 "--frames", str(args.frames), "--size", str(args.size), "--steps", str(args.steps),
                 "--cfg", str(args.cfg), "--sampler", args.sampler, "--module", args.module,
-                "--device", args.device, "--dtype", args.dtype, *(["--compile"] if args.compile else [])]
+                "--device", args.device, "--dtype", args.dtype, *(["--compile"] if args.compile else []),
+                *(["--threads", str(args.threads)] if args.threads else [])]
         out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False)
         if out.returncode:
             raise RuntimeError(f"memory probe {variant} failed:\n{out.stderr[-3000:]}")

@@ -17,12 +17,16 @@ from comfy.ldm.modules.attention import optimized_attention
 from comfy.model_patcher import ModelPatcher
 from comfy.patcher_extension import PatcherInjection, WrappersMP
 
-from ..motion_modules import MotionModuleConfig, VanillaTemporalModule, load_motion_module, read_state_dict
+from ..motion_modules import MotionModuleConfig, VanillaTemporalModule, load_motion_module, read_state_dict, sdpa_attention
 from ..motion_modules.motion_lora import check_fits, lora_pairs
 from . import context_windows, frame_groupnorm, placement, schedules
 
 KEY = "animatediff_motion"
 PLAIN_PASS = "animatediff_motion_plain_pass"  # transformer_options flag: run the UNet without the modules
+# The host's fallback attentions (its CPU default) chunk long sequences at the cost of copies and many small ops;
+# temporal attention runs over a few dozen frames, which torch SDPA takes in one call on q/k/v views.
+TEMPORAL_ATTENTION = (sdpa_attention if getattr(optimized_attention, "__name__", "") in
+                      ("attention_sub_quad", "attention_split", "attention_basic") else optimized_attention)
 
 
 @dataclass(frozen=True)
@@ -89,8 +93,8 @@ class TemporalPatch:
         scale = self.frame_scale(frames, chunks, transformer_options, x)
         dtype = layer.temporal_transformer.proj_in.weight.dtype
         if x.dtype == dtype:
-            return layer(x, frames, optimized_attention, self.config.norm_across_frames, scale)
-        return layer(x.to(dtype), frames, optimized_attention, self.config.norm_across_frames, scale).to(x.dtype)
+            return layer(x, frames, TEMPORAL_ATTENTION, self.config.norm_across_frames, scale)
+        return layer(x.to(dtype), frames, TEMPORAL_ATTENTION, self.config.norm_across_frames, scale).to(x.dtype)
 
     def frame_scale(self, frames: int, chunks: int, transformer_options: dict, x) -> float | torch.Tensor:
         if not isinstance(self.scale, tuple):

@@ -29,8 +29,9 @@ class Slot:
     where: str             # "input 4", "middle", "output 11": for messages
 
 
-def _slots(blocks, where: str) -> list[Slot]:
-    slots = []
+def slots(blocks, where: str) -> list[Slot]:
+    """Where a temporal module goes in each of ``blocks``: after its last SpatialTransformer, else its ResBlock."""
+    found = []
     for n, block in enumerate(blocks):
         layers = [layer for layer in block if not isinstance(layer, VanillaTemporalModule)]
         attention = [i for i, layer in enumerate(layers) if isinstance(layer, SpatialTransformer)]
@@ -39,35 +40,35 @@ def _slots(blocks, where: str) -> list[Slot]:
         if index is not None:
             layer = layers[index]
             channels = layer.in_channels if attention else layer.out_channels
-            slots.append(Slot(block, index, channels, f"{where} {n}" if where != "middle" else where))
-    return slots
+            found.append(Slot(block, index, channels, f"{where} {n}" if where != "middle" else where))
+    return found
 
 
 def plan(unet, config: MotionModuleConfig, name: str) -> list[Slot]:
     """The slot of every module of ``config`` in ``unet``, in UNet order; refuses a module that does not fit."""
-    down = _slots(unet.input_blocks, "input")
-    middle = _slots([unet.middle_block], "middle")[: len(config.mid)]
-    up = _slots(unet.output_blocks, "output")
-    slots = down + middle + up
+    down = slots(unet.input_blocks, "input")
+    middle = slots([unet.middle_block], "middle")[: len(config.mid)]
+    up = slots(unet.output_blocks, "output")
+    planned = down + middle + up
     wanted = config.channels_in_unet_order
     counts_fit = len(down) == sum(map(len, config.down)) and len(up) == sum(map(len, config.up)) \
         and len(middle) == len(config.mid)
-    if not counts_fit or [s.channels for s in slots] != wanted:
+    if not counts_fit or [s.channels for s in planned] != wanted:
         widths = sorted({s.channels for s in down})
         raise MotionCompatibilityError(
             f"Motion module '{name}' ({config.family}) is made for {config.base} models, but this model's UNet has "
             f"{len(down)} down-block slots with widths {widths} (the module needs {sum(map(len, config.down))} with "
             f"widths {sorted(set(c for b in config.down for c in b))}). Use a motion module made for this model's "
             f"base, or a {config.base} checkpoint with this module.")
-    return slots
+    return planned
 
 
 def inject(unet, config: MotionModuleConfig, modules: list[VanillaTemporalModule], name: str) -> None:
     """Insert each module after its slot's layer. Idempotent: anything inserted earlier is taken out first."""
     eject(unet)
-    slots = plan(unet, config, name)
+    planned = plan(unet, config, name)
     # Insert from the back so earlier indices in the same block stay valid.
-    for slot, module in reversed(list(zip(slots, modules))):
+    for slot, module in reversed(list(zip(planned, modules))):
         slot.block.insert(slot.index + 1, module)
 
 

@@ -8,6 +8,11 @@ to_q.weight`` ...), so the files load with ``load_state_dict`` as they are.
 Layout: the host UNet hands us ``(b f) c h w``. Everything in the block except the input GroupNorm and the
 attention itself works per token, so the whole block runs in one layout, ``(b h w) f c``: one permute in,
 one out, and attention reads its frame axis without further copies.
+
+Speed (issue 7; BENCHMARKS.md): q, k and v come from one matmul, handed to attention as views; residuals and
+the encoding are added in place into fresh outputs (which autograd allows: no layer here keeps its output for
+backward); the permute out is the final residual add itself; on the CPU the matmuls run as 1x1 convolutions
+(see ``matmul``).
 """
 from __future__ import annotations
 
@@ -28,6 +33,30 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     q, k, v = (t.view(b, -1, heads, inner // heads).transpose(1, 2) for t in (q, k, v))  # b heads n d
     out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2).reshape(b, n, inner)
+
+
+def matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)``. On the CPU in float32, the same product as a 1x1 convolution over the rows
+    laid out as a channels-last image: PyTorch runs float32 matmuls there on MKL's GEMM but convolutions on
+    oneDNN, like the UNet's own, and oneDNN was 1.5-2.4x faster at these shapes (BENCHMARKS.md). The sums run
+    in another order, so results differ from ``F.linear`` by float32 rounding (a few ulp)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return F.linear(x, weight, bias)
+    *lead, k = x.shape
+    rows = x.reshape(1, -1, 1, k).permute(0, 3, 1, 2)  # 1 k rows 1, channels-last: no copy
+    out = F.conv2d(rows, weight.reshape(*weight.shape, 1, 1), bias)
+    return out.permute(0, 2, 3, 1).reshape(*lead, weight.shape[0])
+
+
+def plain(layer: nn.Module) -> bool:
+    """Whether ``layer(x)`` is just its own weight and bias: no ComfyUI cast (lowvram offload, manual cast) or
+    weight patch function applied at call time, and no module hooks. Others are called as they are."""
+    return not (getattr(layer, "comfy_cast_weights", False) or getattr(layer, "weight_function", None)
+                or getattr(layer, "bias_function", None) or layer._forward_hooks or layer._forward_pre_hooks)
+
+
+def linear(layer: nn.Module, x: Tensor) -> Tensor:
+    return matmul(x, layer.weight, layer.bias) if plain(layer) else layer(x)
 
 
 def sinusoidal_encoding(length: int, channels: int) -> Tensor:
@@ -66,10 +95,18 @@ class VersatileAttention(nn.Module):
         self.pos_encoder = PositionalEncoding(channels, max_len)
 
     def forward(self, x: Tensor, attention: AttentionFn) -> Tensor:
-        # x: (b h w) f c
-        x = x + self.pos_encoder.encoding(x.shape[1]).to(x.dtype)
-        out = attention(self.to_q(x), self.to_k(x), self.to_v(x), self.heads)
-        return self.to_out[0](out)
+        # x: (b h w) f c, a fresh tensor (the norm's output) that this adds the encoding to in place
+        x = x.add_(self.pos_encoder.encoding(x.shape[1]).to(x.dtype))
+        return linear(self.to_out[0], attention(*self.qkv(x), self.heads))
+
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k and v from one matmul on the stacked weights, stacked afresh each call (so patched or trained
+        weights are always current, and no second copy stays in memory); layers that are not plain are called
+        one by one."""
+        layers = (self.to_q, self.to_k, self.to_v)
+        if not all(plain(layer) and layer.bias is None for layer in layers):
+            return tuple(layer(x) for layer in layers)
+        return matmul(x, torch.cat([layer.weight for layer in layers])).chunk(3, dim=-1)
 
 
 class GEGLU(nn.Module):
@@ -78,8 +115,8 @@ class GEGLU(nn.Module):
         self.proj = ops.Linear(channels, hidden * 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        value, gate = self.proj(x).chunk(2, dim=-1)
-        return value * F.gelu(gate)
+        value, gate = linear(self.proj, x).chunk(2, dim=-1)
+        return F.gelu(gate).mul_(value)
 
 
 class FeedForward(nn.Module):
@@ -89,7 +126,7 @@ class FeedForward(nn.Module):
         self.net = nn.ModuleList([GEGLU(channels, 4 * channels, ops), nn.Dropout(0.0), ops.Linear(4 * channels, channels)])
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net[2](self.net[0](x))
+        return linear(self.net[2], self.net[0](x))
 
 
 class TemporalTransformerBlock(nn.Module):
@@ -103,8 +140,8 @@ class TemporalTransformerBlock(nn.Module):
     def forward(self, x: Tensor, attention: AttentionFn) -> Tensor:
         # x: (b h w) f c
         for attn, norm in zip(self.attention_blocks, self.norms):
-            x = x + attn(norm(x), attention)
-        return x + self.ff(self.ff_norm(x))
+            x = attn(norm(x), attention).add_(x)
+        return self.ff(self.ff_norm(x)).add_(x)
 
 
 class TemporalTransformer3DModel(nn.Module):
@@ -116,7 +153,8 @@ class TemporalTransformer3DModel(nn.Module):
         self.proj_out = ops.Linear(channels, channels)
 
     def forward(self, x: Tensor, frames: int, attention: AttentionFn, norm_across_frames: bool) -> Tensor:
-        """x: (b f) c h w -> the motion residual, same shape."""
+        """x: (b f) c h w -> the motion residual as a ``b f c (h w)`` view of the tokens, not copied: the
+        caller's residual add does the permute back (one pass instead of a copy and an add)."""
         bf, c, h, w = x.shape
         b = bf // frames
         if norm_across_frames:
@@ -126,12 +164,11 @@ class TemporalTransformer3DModel(nn.Module):
             hidden = self.norm(x)  # per frame, as the original SD1.5 code
         # (b f) c h w -> (b h w) f c
         hidden = hidden.reshape(b, frames, c, h * w).permute(0, 3, 1, 2).reshape(b * h * w, frames, c)
-        hidden = self.proj_in(hidden)
+        hidden = linear(self.proj_in, hidden)
         for block in self.transformer_blocks:
             hidden = block(hidden, attention)
-        hidden = self.proj_out(hidden)
-        # (b h w) f c -> (b f) c h w
-        return hidden.view(b, h * w, frames, c).permute(0, 2, 3, 1).reshape(bf, c, h, w)
+        # (b h w) f c -> b f c (h w)
+        return linear(self.proj_out, hidden).view(b, h * w, frames, c).permute(0, 2, 3, 1)
 
 
 class VanillaTemporalModule(nn.Module):
@@ -150,7 +187,8 @@ class VanillaTemporalModule(nn.Module):
         """``scale``: a float, or a tensor broadcastable to x (e.g. [(b f), 1, 1, 1], one value per frame)."""
         if x.shape[0] % frames:
             raise ValueError(f"batch of {x.shape[0]} is not a whole number of {frames}-frame clips")
-        residual = self.temporal_transformer(x, frames, attention, norm_across_frames)
-        if isinstance(scale, Tensor) or scale != 1.0:
-            residual = residual.mul_(scale)
-        return residual.add_(x)
+        residual = self.temporal_transformer(x, frames, attention, norm_across_frames)  # b f c (h w)
+        if isinstance(scale, Tensor):  # in x's layout: a view for the usual [(b f), 1, 1, 1] or a scalar
+            residual = residual.mul_(scale.expand(x.shape).reshape(residual.shape))
+            scale = 1.0
+        return torch.add(x.reshape(residual.shape), residual, alpha=scale).reshape(x.shape)

@@ -136,9 +136,9 @@ def unet_layout(unet, style: str = "v3", max_frames: int = 32) -> MotionModuleCo
     layout of the UNet's base."""
     if style not in STYLES:
         raise TrainingError(f"layout style {style!r}: choose v3 (no mid-block module) or v2 (mid-block module).")
-    down = [s.channels for s in placement._slots(unet.input_blocks, "input")]
-    up = [s.channels for s in placement._slots(unet.output_blocks, "output")]
-    middle = [s.channels for s in placement._slots([unet.middle_block], "middle")][:1]
+    down = [s.channels for s in placement.slots(unet.input_blocks, "input")]
+    up = [s.channels for s in placement.slots(unet.output_blocks, "output")]
+    middle = [s.channels for s in placement.slots([unet.middle_block], "middle")][:1]
     per_level = list(unet.num_res_blocks)
     base = {4: "SD1.5", 3: "SDXL"}.get(len(per_level))
     if base is None or len(down) != sum(per_level) or len(up) != sum(n + 1 for n in per_level):

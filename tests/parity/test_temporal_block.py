@@ -36,6 +36,12 @@ def reference(module: VanillaTemporalModule):
     return ref.eval().requires_grad_(False)
 
 
+def float_tolerance(reference_output: torch.Tensor) -> float:
+    """float32 rounding: 16 ulp of the output's magnitude. The sums run in another order than diffusers' (fused
+    q/k/v, 1x1-convolution matmuls on the CPU), so results agree to rounding, not bit for bit."""
+    return 16 * torch.finfo(torch.float32).eps * max(1.0, reference_output.abs().max().item())
+
+
 def clips(frames: int, channels: int, seed: int = 0) -> torch.Tensor:
     """(b f) c h w with per-frame offsets and scales, so per-frame and per-clip statistics differ."""
     g = torch.Generator().manual_seed(seed)
@@ -55,7 +61,7 @@ def test_block_matches_diffusers_with_norm_across_frames(channels, frames):
     theirs = ref(x.clone(), num_frames=frames)
     err = (ours - theirs).abs().max().item()
     print(f"temporal block C={channels} F={frames}: max abs err {err:.3e} (output max {theirs.abs().max():.2f})")
-    assert err <= 1e-5
+    assert err <= float_tolerance(theirs)
     assert not torch.allclose(ours, x, atol=1e-2)  # the block did something
 
 
@@ -86,8 +92,8 @@ def test_default_norm_is_per_frame_and_differs_from_across_frames(frames):
     err = (default - per_frame).abs().max().item()
     gap = (default - across).abs().max().item()
     print(f"per-frame norm F={frames}: max abs err {err:.3e}; per-frame vs across-frames {gap:.3e}")
-    assert err <= 1e-5
+    assert err <= float_tolerance(per_frame)
     if frames == 1:
-        assert gap <= 1e-5  # one frame: both modes normalise over the same numbers
+        assert gap <= float_tolerance(across)  # one frame: both modes normalise over the same numbers
     else:
         assert gap > 1e-2  # frames with different statistics: the two modes really differ

@@ -26,14 +26,6 @@ FRAMES, SIZE, SPEED = 8, 8, 1     # clips of 8 latent frames of 8x8, moving righ
 STEPS = 100
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine, two threads per process wait on each other at every op
-    (measured: 22x slower under load, 1.4x faster when idle)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 CONTEXT = torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(7))  # one "caption" for every clip
 
 

@@ -19,16 +19,6 @@ pytestmark = pytest.mark.training
 FRAMES = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine, two threads per process wait on each other at every op
-    (measured: 22x slower under load, 1.4x faster when idle)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class RandomClips:
     """Latents and conditioning drawn from the per-clip rng, and, like user augmentation code might, also from the
     global python, numpy and torch generators: an exact resume has to restore all of them."""

@@ -22,14 +22,6 @@ from unets import tiny_sd15_patcher
 pytestmark = pytest.mark.training
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class StandInVAE:
     """VAE.encode's contract: IMAGE [B, H, W, 3] in 0..1 -> latents [B, 4, H/8, W/8]."""
 
