@@ -7,10 +7,10 @@ v2 module (random weights, real layouts: headless/demo_models.py), Euler, CFG 7.
 Seams are measured on a test clip (``--clip smooth``, the default): vid2vid at denoise 0.5 of a smooth pattern
 drifting one latent pixel per frame, so every frame-to-frame change that is not the drift comes from the
 sampling. Reported: the mean absolute difference between consecutive output latents over the pairs inside one
-window, over the hand-overs between windows, and for the worst hand-over (see ``seam_report``). ``--clip noise`` is txt2vid from pure
-noise instead.
+window, over the hand-overs between windows, and for the worst hand-over (see ``seam_report``). ``--clip noise``
+is txt2vid from pure noise instead.
 
-    .venv/bin/python -m headless.bench_windows [--frames 16 32 64 128] [--size 64] [--steps 4] [--clip smooth]
+    .venv/bin/python -m headless.bench_windows [--frames 16 32 64 128] [--size 64] [--steps 2] [--clip smooth]
 """
 from __future__ import annotations
 
@@ -65,8 +65,7 @@ def seam_report(out: "torch.Tensor", windows: list[list[int]]) -> dict:
             "hand_overs": len(hand_overs)}
 
 
-def measure(frames: int, size: int, steps: int, window: int, overlap: int, clip: str, fuse: str,
-            free_noise: bool) -> dict:
+def measure(frames: int, size: int, steps: int, window: int, overlap: int, clip: str, fuse: str) -> dict:
     import torch
     sys.path.insert(0, str(ROOT / ".host" / "ComfyUI"))
     from comfy.cli_args import args
@@ -78,15 +77,12 @@ def measure(frames: int, size: int, steps: int, window: int, overlap: int, clip:
     from .extension import import_extension_module
     patcher = import_extension_module("model_patcher.motion_patcher")
     windows = import_extension_module("model_patcher.context_windows")
-    rescheduling = import_extension_module("model_patcher.free_noise")
 
     paths = ensure_random_models(ROOT / ".host" / "test-models")
     model = comfy.sd.load_checkpoint_guess_config(str(paths["checkpoint"]), output_vae=False, output_clip=False)[0]
     animated = patcher.apply_motion_module(model, patcher.load_motion_patcher(paths["motion_module"]))
     handler = windows.make_handler(window, overlap, "standard_static", fuse)
     animated = windows.apply_context_windows(animated, handler)
-    if free_noise:
-        rescheduling.add_free_noise(animated, window, overlap)
     g = torch.Generator().manual_seed(0)
     cond = [[torch.randn(1, 77, 768, generator=g), {}]]
     uncond = [[torch.randn(1, 77, 768, generator=g), {}]]
@@ -103,31 +99,29 @@ def measure(frames: int, size: int, steps: int, window: int, overlap: int, clip:
     return {"frames": frames, "windows": len(schedule), "seconds": round(seconds, 1),
             "peak_rss_sampling_mib": round(peak_rss_mib()), "peak_rss_loading_mib": round(loaded),
             "latents_mib": round(noise.numel() * 4 * 6 / 2**20, 1),  # x, noise, output, sampler buffers
-            "clip": clip, "fuse": fuse, "free_noise": free_noise, **seam_report(out, schedule)}
+            "clip": clip, "fuse": fuse, **seam_report(out, schedule)}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, nargs="+", default=[16, 32, 64, 128])
     parser.add_argument("--size", type=int, default=64, help="pixels (latent = size / 8)")
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--window", type=int, default=16)
     parser.add_argument("--overlap", type=int, default=4)
     parser.add_argument("--clip", choices=["smooth", "noise"], default="smooth",
                         help="smooth: vid2vid (denoise 0.5) of a drifting pattern; noise: txt2vid")
     parser.add_argument("--fuse", default="pyramid", help="the windows' fuse method")
-    parser.add_argument("--free-noise", action="store_true", help="FreeNoise noise rescheduling")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(measure(args.frames[0], args.size, args.steps, args.window, args.overlap, args.clip,
-                                 args.fuse, args.free_noise)))
+                                 args.fuse)))
         return 0
     for frames in args.frames:
         argv = [sys.executable, "-m", "headless.bench_windows", "--one", "--frames", str(frames),
                 "--size", str(args.size), "--steps", str(args.steps), "--window", str(args.window),
-                "--overlap", str(args.overlap), "--clip", args.clip, "--fuse", args.fuse,
-                *(["--free-noise"] if args.free_noise else [])]
+                "--overlap", str(args.overlap), "--clip", args.clip, "--fuse", args.fuse]
         out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
         if out.returncode:
             print(out.stderr[-3000:], file=sys.stderr)

@@ -17,7 +17,8 @@ from comfy.ldm.modules.attention import optimized_attention
 from comfy.model_patcher import ModelPatcher
 from comfy.patcher_extension import PatcherInjection, WrappersMP
 
-from ..motion_modules import MotionModuleConfig, VanillaTemporalModule, load_motion_module, read_state_dict, sdpa_attention
+from ..motion_modules import (MotionModuleConfig, VanillaTemporalModule, load_motion_module, read_state_dict,
+                              sdpa_attention)
 from ..motion_modules.motion_lora import check_fits, lora_pairs
 from . import context_windows, frame_groupnorm, placement, schedules
 
