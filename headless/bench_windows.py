@@ -20,6 +20,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported inside the measuring child process only
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +35,7 @@ def peak_rss_mib() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
-def drifting_pattern(frames: int, size: int) -> "torch.Tensor":
+def drifting_pattern(frames: int, size: int) -> torch.Tensor:
     """Latents [frames, 4, size/8, size/8] of a smooth pattern that drifts one latent pixel per frame."""
     import torch
     side = size // 8
@@ -41,7 +45,7 @@ def drifting_pattern(frames: int, size: int) -> "torch.Tensor":
     return torch.sin(2 * torch.pi * (x - t) / side + phase) * torch.cos(2 * torch.pi * y / side + phase)
 
 
-def seam_report(out: "torch.Tensor", windows: list[list[int]]) -> dict:
+def seam_report(out: torch.Tensor, windows: list[list[int]]) -> dict:
     """Mean absolute difference (MAD) between consecutive frames of ``out``: over the pairs inside one window
     (both frames covered by that window alone, with the pairs' standard deviation), over the hand-overs between
     windows (every other pair: from the last frame one window has alone, through the overlap, to the first frame
