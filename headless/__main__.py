@@ -8,14 +8,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import signal
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .client import run_workflow
-from .convert import load_workflow
+from .client import DEFAULT_TIMEOUT, run_workflow
+from .convert import load_workflow, parse_workflow
 from .errors import HeadlessError, ServerError, WorkflowError
 from .overrides import parse_override
 from .server import DEFAULT_STARTUP_TIMEOUT, ServerProcess, default_comfyui_dir
@@ -35,6 +36,24 @@ def err(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def exit_code(ex: HeadlessError) -> int:
+    """2 when the command line or a file it names cannot be used, 3 when the server failed or cannot be
+    reached, else 1 (the workflow failed)."""
+    if ex.usage:
+        return EXIT_USAGE
+    if isinstance(ex, ServerError) or getattr(ex, "kind", None) == "connection":
+        return EXIT_SERVER
+    return EXIT_WORKFLOW
+
+
+def seconds(text: str) -> float:
+    """argparse type: a positive, finite number of seconds."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
 # ------------------------------------------------------------------------------------ shared server options
 
 def add_server_options(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +65,7 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--host-arg", metavar="ARG", action="append", default=[], dest="host_args",
                        help="extra argument for ComfyUI's main.py, repeatable; write it with '=', e.g. "
                             "--host-arg=--output-directory=/tmp/out")
-    group.add_argument("--startup-timeout", metavar="SECONDS", type=float, default=DEFAULT_STARTUP_TIMEOUT,
+    group.add_argument("--startup-timeout", metavar="SECONDS", type=seconds, default=DEFAULT_STARTUP_TIMEOUT,
                        help="how long to wait for the started server to answer (default: %(default)g)")
     group.add_argument("--server-log", metavar="FILE", type=Path,
                        help="write the started server's log here (default: a temporary file, kept on failure)")
@@ -96,15 +115,17 @@ def add_run_command(subparsers: argparse._SubParsersAction) -> None:
                     "--server), show its progress on stderr, download every output file into --out and print "
                     "the saved paths on stdout, one per line.",
         epilog="exit codes: 0 done, 1 the workflow failed (conversion, validation, execution, timeout), "
-               "2 bad usage, 3 the server failed, 130 interrupted")
+               "2 bad usage (an option, --set, or a workflow file that cannot be read as a workflow), "
+               "3 the server failed or cannot be reached, 130 interrupted")
     parser.add_argument("workflow", type=Path, help="workflow JSON file, API or UI format ('-' reads stdin)")
     parser.add_argument("--set", metavar="NODE.INPUT=VALUE", action="append", default=[], dest="overrides",
                         help="override an input, repeatable; NODE is a node id, title or class type (when unique); "
                              "VALUE is read as JSON when it parses, else as a string")
     parser.add_argument("--out", metavar="DIR", type=Path, default=Path("output"),
                         help="where to save the outputs, the server's subfolders kept (default: %(default)s)")
-    parser.add_argument("--timeout", metavar="SECONDS", type=float, default=None,
-                        help="give up (and cancel the prompt) after this long (default: no limit)")
+    parser.add_argument("--timeout", metavar="SECONDS", type=seconds, default=DEFAULT_TIMEOUT,
+                        help="give up (and cancel the prompt) when it has not finished after this long, time in "
+                             "the server's queue included (default: %(default)g)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="on an execution error, also show the node's inputs and the server's traceback")
@@ -114,13 +135,7 @@ def add_run_command(subparsers: argparse._SubParsersAction) -> None:
 
 def _load(path: Path) -> dict:
     if str(path) == "-":
-        try:
-            data = json.load(sys.stdin)
-        except json.JSONDecodeError as ex:
-            raise WorkflowError(f"stdin is not valid JSON: {ex}", kind="conversion") from None
-        if not isinstance(data, dict):
-            raise WorkflowError("stdin does not hold a JSON object", kind="conversion")
-        return data
+        return parse_workflow(sys.stdin.buffer.read(), "stdin")
     return load_workflow(path)
 
 
@@ -131,6 +146,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         workflow = _load(args.workflow)
         for text in args.overrides:  # syntax errors before the slow start
             parse_override(text)
+        if args.out.exists() and not args.out.is_dir():
+            raise WorkflowError(f"--out {args.out} is a file: give a folder for the outputs.", kind="input")
         with server_from_args(args, quiet=args.quiet) as (url, server):
             began = time.monotonic()
             paths = run_workflow(url, workflow, args.overrides, args.out, args.timeout, progress=not args.quiet,
@@ -140,17 +157,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         for path in paths:
             print(path, flush=True)
         return EXIT_OK
-    except WorkflowError as ex:
-        err(f"error: {ex}")
-        if ex.kind == "connection" and server is not None and not server.alive():
-            err(f"the server exited (code {server.proc.returncode}); last lines of its log:\n{server.log_tail()}")
-        return EXIT_WORKFLOW
-    except ServerError as ex:
-        err(f"error: {ex}")
-        return EXIT_SERVER
     except HeadlessError as ex:
         err(f"error: {ex}")
-        return EXIT_WORKFLOW
+        if getattr(ex, "kind", None) == "connection" and server is not None and not server.alive():
+            err(f"the server exited (code {server.proc.returncode}); last lines of its log:\n{server.log_tail()}")
+        return exit_code(ex)
     except KeyboardInterrupt:
         err("interrupted")
         return EXIT_INTERRUPTED
@@ -175,7 +186,7 @@ def add_demo_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--set", metavar="NODE.INPUT=VALUE", action="append", default=[], dest="overrides",
                         help="override an input, as for run")
     add_server_options(parser)
-    parser.set_defaults(func=cmd_demo, workflow=DEMO_WORKFLOW, timeout=None, quiet=False, verbose=False)
+    parser.set_defaults(func=cmd_demo, workflow=DEMO_WORKFLOW, timeout=DEFAULT_TIMEOUT, quiet=False, verbose=False)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -269,7 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except HeadlessError as ex:  # the commands that do not render their own
+        err(f"error: {ex}")
+        return exit_code(ex)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,14 @@
 The host's protocol (ComfyUI 0.3.x):
 - GET /ws?clientId=ID opens a websocket; the server sends JSON messages ``{"type", "data"}`` for the
   prompts queued with that ``client_id`` (and binary preview frames, which are ignored here).
-- POST /prompt ``{"prompt", "client_id", "prompt_id", "extra_data"}`` answers 200 ``{"prompt_id", ...}``
-  or 400 ``{"error", "node_errors"}``.
+- POST /prompt ``{"prompt", "client_id", "prompt_id", "extra_data"}`` answers 200 ``{"prompt_id", "number",
+  "node_errors"}`` or 400 ``{"error", "node_errors"}``. Older hosts (December 2024) ignore the client's
+  ``prompt_id`` and make their own, so the id in the answer is the one to follow.
 - Messages while it runs: execution_start, execution_cached ``{nodes}``, executing ``{node}``,
   progress ``{value, max, node}``, executed ``{node, output}``, then execution_success, or
   execution_error / execution_interrupted; finally executing with ``node: null``. The history entry is
-  written just before that last message.
+  written just before that last message (after execution_success). Newer hosts add progress_state
+  ``{prompt_id, nodes}`` and binary progress-text frames; both are ignored here.
 - GET /history/{prompt_id} gives ``{prompt_id: {"outputs": {node_id: {"images": [...]}}, "status": ...}}``
   and GET /view?filename=&subfolder=&type= serves each listed file.
 """
@@ -31,7 +33,11 @@ from .overrides import apply_overrides
 from .progress import ConsoleProgress, Progress
 
 DOWNLOAD_TYPES = ("output", "temp")
-HISTORY_WAIT = 30.0
+DEFAULT_TIMEOUT = 4 * 3600.0  # a whole prompt, queue included: hours on a CPU, but never forever
+CONNECT_TIMEOUT = 30.0        # opening a connection or the websocket
+READ_TIMEOUT = 300.0          # a server that accepted a request but sends nothing back
+HISTORY_WAIT = 30.0           # the history entry after the websocket said the prompt finished
+HISTORY_POLL = 10.0           # a silent websocket: look in the history this often, in case a message was missed
 
 
 def _ws_url(url: str) -> str:
@@ -76,6 +82,12 @@ def local_path(out_dir: Path, item: Mapping) -> Path:
     return out_dir.joinpath(*parts, name)
 
 
+def _request_timeout() -> aiohttp.ClientTimeout:
+    """One HTTP request: bounded while connecting and while the server sends nothing (a large download may
+    take longer in all, as long as data keeps coming)."""
+    return aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT)
+
+
 class _Run:
     def __init__(self, session: aiohttp.ClientSession, url: str, timeout: float | None, verbose: bool):
         self.session = session
@@ -93,9 +105,12 @@ class _Run:
 
     async def get_json(self, path: str) -> Any:
         try:
-            async with self.session.get(self.url + path) as resp:
+            async with self.session.get(self.url + path, timeout=_request_timeout()) as resp:
                 resp.raise_for_status()
                 return await resp.json()
+        except asyncio.TimeoutError:  # before ClientError: aiohttp's read timeout is both
+            raise WorkflowError(f"GET {path} on {self.url}: no answer within {READ_TIMEOUT:g} s",
+                                kind="connection") from None
         except aiohttp.ClientError as ex:
             raise WorkflowError(f"GET {path} failed on {self.url}: {ex}", kind="connection") from None
 
@@ -129,13 +144,17 @@ class _Run:
             apply_overrides(prompt, overrides, input_names=lambda c: names.get(c, []))
         return prompt
 
-    async def queue(self, prompt: dict, client_id: str, prompt_id: str, extra_data: dict) -> dict:
-        """Post the prompt; returns the node_errors of outputs that were dropped (others still run)."""
+    async def queue(self, prompt: dict, client_id: str, prompt_id: str, extra_data: dict) -> tuple[str, dict]:
+        """Post the prompt; returns the id the server runs it under and the node_errors of outputs that were
+        dropped (others still run)."""
         body = {"prompt": prompt, "client_id": client_id, "prompt_id": prompt_id, "extra_data": extra_data}
         try:
-            async with self.session.post(self.url + "/prompt", json=body) as resp:
+            async with self.session.post(self.url + "/prompt", json=body, timeout=_request_timeout()) as resp:
                 text = await resp.text()
                 status = resp.status
+        except asyncio.TimeoutError:
+            raise WorkflowError(f"POST /prompt on {self.url}: no answer within {READ_TIMEOUT:g} s",
+                                kind="connection") from None
         except aiohttp.ClientError as ex:
             raise WorkflowError(f"POST /prompt failed on {self.url}: {ex}", kind="connection") from None
         try:
@@ -146,17 +165,28 @@ class _Run:
             raise WorkflowError(render_prompt_error(answer, prompt), kind="validation", data=answer)
         if status != 200:
             raise WorkflowError(f"POST /prompt answered {status}: {text[:2000]}", kind="connection", data=answer)
-        return (answer.get("node_errors") if isinstance(answer, Mapping) else None) or {}
+        if not isinstance(answer, Mapping):
+            return prompt_id, {}
+        # A host that ignores the client's prompt_id answers with its own: every later step uses that one.
+        server_id = answer.get("prompt_id")
+        return (str(server_id) if server_id else prompt_id), answer.get("node_errors") or {}
 
     async def follow(self, ws: aiohttp.ClientWebSocketResponse, prompt: dict, prompt_id: str,
                      progress: Progress) -> bool:
         """Read websocket messages until the prompt has finished (True) or the socket closed (False);
-        raise on the prompt's failure."""
+        raise on the prompt's failure, asyncio.TimeoutError at the deadline. While the socket is silent the
+        history is looked at every HISTORY_POLL seconds, so a message this client never gets (a host that
+        sends them elsewhere, or under another id) cannot make it wait for ever."""
         while True:
             remaining = self.remaining()
             if remaining is not None and remaining <= 0:
                 raise asyncio.TimeoutError
-            msg = await ws.receive(timeout=remaining)
+            try:
+                msg = await ws.receive(timeout=HISTORY_POLL if remaining is None else min(HISTORY_POLL, remaining))
+            except asyncio.TimeoutError:
+                if prompt_id in await self.get_json(f"/history/{prompt_id}"):
+                    return True
+                continue
             if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING,
                             aiohttp.WSMsgType.ERROR):
                 return False  # the caller falls back to polling the history
@@ -212,7 +242,7 @@ class _Run:
         """Best effort: drop the prompt from the queue, or interrupt it when it is running."""
         for path, body in (("/queue", {"delete": [prompt_id]}), ("/interrupt", {"prompt_id": prompt_id})):
             try:
-                async with self.session.post(self.url + path, json=body, timeout=aiohttp.ClientTimeout(total=5)):
+                async with self.session.post(self.url + path, json=body, timeout=aiohttp.ClientTimeout(total=10)):
                     pass
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 pass
@@ -225,12 +255,16 @@ class _Run:
         fd, tmp = tempfile.mkstemp(prefix=".download-", dir=dest.parent)
         try:
             with os.fdopen(fd, "wb") as fh:
-                async with self.session.get(self.url + "/view", params=params) as resp:
+                async with self.session.get(self.url + "/view", params=params, timeout=_request_timeout()) as resp:
                     if resp.status != 200:
                         raise WorkflowError(f"GET /view for {item} answered {resp.status}", kind="connection")
                     async for chunk in resp.content.iter_chunked(1 << 16):
                         fh.write(chunk)
             os.replace(tmp, dest)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as ex:
+            Path(tmp).unlink(missing_ok=True)
+            raise WorkflowError(f"Downloading {item['filename']} from {self.url} failed: "
+                                f"{str(ex) or f'no data for {READ_TIMEOUT:g} s'}", kind="connection") from None
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -238,13 +272,14 @@ class _Run:
 
 
 async def run_workflow_async(url: str, workflow: Mapping, overrides: Iterable[str] = (), out_dir: str | Path = "output",
-                             timeout: float | None = None, *, progress: bool | Callable[[dict], Progress] = False,
-                             verbose: bool = False) -> list[Path]:
+                             timeout: float | None = DEFAULT_TIMEOUT, *,
+                             progress: bool | Callable[[dict], Progress] = False, verbose: bool = False) -> list[Path]:
     """Async form of :func:`run_workflow`."""
     out_dir = Path(out_dir)
     client_id = uuid.uuid4().hex
     prompt_id = str(uuid.uuid4())
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=30)) as session:
+    connect_only = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT)  # requests pass their own
+    async with aiohttp.ClientSession(timeout=connect_only) as session:
         run = _Run(session, url, timeout, verbose)
         prompt = await run.prepare(workflow, overrides)
         if progress is True:
@@ -256,12 +291,13 @@ async def run_workflow_async(url: str, workflow: Mapping, overrides: Iterable[st
         extra_data = {"extra_pnginfo": {"workflow": workflow}} if is_ui_workflow(workflow) else {}
         try:
             try:
-                ws = await session.ws_connect(f"{_ws_url(run.url)}/ws?clientId={client_id}", heartbeat=30,
-                                              max_msg_size=0)
-            except aiohttp.ClientError as ex:
-                raise WorkflowError(f"Cannot open the websocket of {run.url}: {ex}", kind="connection") from None
+                ws = await asyncio.wait_for(session.ws_connect(f"{_ws_url(run.url)}/ws?clientId={client_id}",
+                                                               heartbeat=30, max_msg_size=0), CONNECT_TIMEOUT)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as ex:
+                reason = str(ex) or f"no answer within {CONNECT_TIMEOUT:g} s"
+                raise WorkflowError(f"Cannot open the websocket of {run.url}: {reason}", kind="connection") from None
             async with ws:
-                dropped = await run.queue(prompt, client_id, prompt_id, extra_data)
+                prompt_id, dropped = await run.queue(prompt, client_id, prompt_id, extra_data)
                 shown.start(prompt_id)
                 if dropped:
                     text = render_prompt_error({"error": {"message": "some outputs were dropped"},
@@ -277,7 +313,8 @@ async def run_workflow_async(url: str, workflow: Mapping, overrides: Iterable[st
                     await run.cancel(prompt_id)
                     waited = f"after {timeout:g} s " if timeout is not None else ""
                     raise WorkflowError(f"Timed out {waited}waiting for prompt {prompt_id}; it was cancelled on the "
-                                        "server.", kind="timeout") from None
+                                        "server. Give a longer --timeout SECONDS if it needs more time.",
+                                        kind="timeout") from None
         finally:
             shown.close()
         saved = []
@@ -287,13 +324,14 @@ async def run_workflow_async(url: str, workflow: Mapping, overrides: Iterable[st
 
 
 def run_workflow(url: str, workflow: Mapping, overrides: Iterable[str] = (), out_dir: str | Path = "output",
-                 timeout: float | None = None, *, progress: bool | Callable[[dict], Progress] = False,
+                 timeout: float | None = DEFAULT_TIMEOUT, *, progress: bool | Callable[[dict], Progress] = False,
                  verbose: bool = False) -> list[Path]:
     """Run a workflow (API or UI format) on the server at ``url`` and download its outputs.
 
     ``overrides`` are ``NODE.INPUT=VALUE`` strings. Returns the saved paths (under ``out_dir``, the
     server's subfolders kept). Raises :class:`WorkflowError` (``str()`` is the rendered message) when
-    conversion, validation or execution fails, or after ``timeout`` seconds.
+    conversion, validation or execution fails, or after ``timeout`` seconds (queue and execution together;
+    ``None``: no limit). Each request to the server is bounded too (CONNECT_TIMEOUT, READ_TIMEOUT).
     """
     return asyncio.run(run_workflow_async(url, workflow, overrides, out_dir, timeout, progress=progress,
                                           verbose=verbose))

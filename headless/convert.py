@@ -28,17 +28,52 @@ VIRTUAL_TYPES = NOTE_TYPES | REROUTE_TYPES | PRIMITIVE_TYPES
 
 # ----------------------------------------------------------------------------------------- loading
 
+MAX_WORKFLOW_BYTES = 256 * 2 ** 20  # workflows are JSON text of a few MB at most; a model file is not one
+
+
 def load_workflow(path: str | Path) -> dict:
-    """Read a workflow JSON file (either format)."""
+    """Read a workflow JSON file (either format); WorkflowError (kind "input") names the file and the fix."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        if path.is_dir():
+            raise WorkflowError(f"Workflow file {path} is a folder: give the workflow's .json file itself.",
+                                kind="input")
+        size = path.stat().st_size
+        if size > MAX_WORKFLOW_BYTES:
+            raise WorkflowError(f"Workflow file {path} is {size / 2 ** 20:.0f} MiB: a workflow is a JSON file of a few "
+                                "MB at most; check that you gave the workflow and not a model or a video.",
+                                kind="input")
+        raw = path.read_bytes()
     except FileNotFoundError:
-        raise WorkflowError(f"Workflow file not found: {path}", kind="conversion") from None
+        raise WorkflowError(f"Workflow file not found: {path}. Check the path.", kind="input") from None
+    except OSError as ex:
+        raise WorkflowError(f"Cannot read workflow file {path}: {ex.strerror or ex}.", kind="input") from None
+    return parse_workflow(raw, f"Workflow file {path}")
+
+
+def parse_workflow(raw: bytes, name: str) -> dict:
+    """A workflow from the bytes of a JSON file; ``name`` ("Workflow file X", "stdin") starts each message."""
+    if not raw.strip():
+        raise WorkflowError(f"{name} is empty: give a workflow saved from ComfyUI.", kind="input")
+    try:
+        data = json.loads(raw)  # from bytes json reads UTF-8 (with or without BOM), UTF-16 and UTF-32
+    except UnicodeDecodeError as ex:
+        byte = raw[ex.start:ex.start + 1].hex()
+        raise WorkflowError(f"{name} is not UTF-8 text (byte 0x{byte} at offset {ex.start}): save it as UTF-8, as "
+                            "ComfyUI's editor does.", kind="input") from None
     except json.JSONDecodeError as ex:
-        raise WorkflowError(f"Workflow file {path} is not valid JSON: {ex}", kind="conversion") from None
+        raise WorkflowError(f"{name} is not valid JSON: {ex}. Export the workflow again from ComfyUI "
+                            "(Workflow > Export, or Export (API)).", kind="input") from None
+    except RecursionError:
+        raise WorkflowError(f"{name} nests lists or objects too deeply to read: it is not a ComfyUI workflow "
+                            "(those nest a few levels).", kind="input") from None
     if not isinstance(data, dict):
-        raise WorkflowError(f"Workflow file {path} does not hold a JSON object", kind="conversion")
+        found = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(data), "a number")
+        raise WorkflowError(f"{name} holds {found}, not a JSON object: it is not a ComfyUI workflow.", kind="input")
+    try:
+        workflow_format(data)
+    except WorkflowError as ex:
+        raise WorkflowError(f"{name}: {ex}", kind="input") from None
     return data
 
 
@@ -275,7 +310,11 @@ def _sort_key(node_id: Any) -> tuple:
 
 def ui_to_api(workflow: Mapping, object_info: Mapping) -> dict:
     """Convert a UI-format workflow into the API format, using the server's /object_info."""
-    return _Converter(workflow, object_info).convert()
+    try:
+        return _Converter(workflow, object_info).convert()
+    except (TypeError, KeyError, AttributeError, IndexError) as ex:  # a node, link or list of the wrong shape
+        raise WorkflowError(f"The UI workflow is malformed ({type(ex).__name__}: {ex}): open it in ComfyUI's editor "
+                            "and save or export it again.", kind="input") from None
 
 
 def to_api(workflow: Mapping, object_info_getter) -> dict:

@@ -11,24 +11,38 @@ from typing import Any, Mapping
 
 
 class HeadlessError(Exception):
-    """Base class of everything this tool raises on purpose; ``str()`` is meant for the user."""
+    """Base class of everything this tool raises on purpose; ``str()`` is meant for the user.
+
+    ``usage`` is True when the command line, or a file or folder it names, cannot be used: nothing was run
+    (the command line exits 2 for these)."""
+
+    usage = False
 
 
 class WorkflowError(HeadlessError):
-    """The workflow could not be converted, validated or executed.
+    """The workflow could not be read, converted, validated or executed.
 
-    ``kind`` says which step failed ("conversion", "override", "validation", "execution",
-    "interrupted", "timeout", "connection"); ``data`` holds the host's raw payload where there is one.
+    ``kind`` says which step failed ("input": the workflow file itself; "conversion", "override",
+    "validation", "execution", "interrupted", "timeout", "connection"); ``data`` holds the host's raw
+    payload where there is one.
     """
+
+    USAGE_KINDS = ("input", "override")
 
     def __init__(self, message: str, kind: str = "execution", data: Any = None):
         super().__init__(message)
         self.kind = kind
         self.data = data
+        self.usage = kind in self.USAGE_KINDS
 
 
 class ServerError(HeadlessError):
-    """The ComfyUI server could not be started or stopped answering."""
+    """The ComfyUI server could not be started or stopped answering (``usage``: there is no ComfyUI where
+    the command line says)."""
+
+    def __init__(self, message: str, usage: bool = False):
+        super().__init__(message)
+        self.usage = usage
 
 
 def _titles(prompt: Mapping | None) -> dict[str, str]:

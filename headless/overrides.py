@@ -24,7 +24,7 @@ class Override:
 def parse_value(text: str) -> Any:
     try:
         return json.loads(text)
-    except (json.JSONDecodeError, ValueError):
+    except (ValueError, RecursionError):  # not JSON (or nested past what json reads): the text itself
         return text
 
 

@@ -76,7 +76,7 @@ class ServerProcess:
         self.comfyui_dir = Path(comfyui_dir or default_comfyui_dir()).resolve()
         if not (self.comfyui_dir / "main.py").is_file():
             raise ServerError(f"No ComfyUI at {self.comfyui_dir} (main.py missing): pass --comfyui DIR or set "
-                              "COMFYUI_DIR.")
+                              "COMFYUI_DIR.", usage=True)
         self.host_args = list(host_args)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"

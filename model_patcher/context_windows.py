@@ -10,12 +10,21 @@ three things need our handler:
 - a ControlNet given one hint per frame would feed every window the first frames' hints: while a window is
   evaluated, each ControlNet in its conds holds that window's hints.
 The stock Context Windows node works too: models with a motion module swap its handler for ours per run.
+
+Windows are plain runs of consecutive frames, as the motion modules were trained on. Newer hosts (around 0.20,
+comfy/context_windows.py ``IndexListContextHandler(causal_window_fix=True)``, the default, also in the stock
+node) prepend an anchor frame, the one before the window, to every window; our handlers turn that off. Where a
+window carries an anchor anyway (another handler), ``window_frames`` lists it first, so per-frame settings stay
+aligned with the frames the UNet sees.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
+
+from . import free_noise
 
 try:
     import comfy.context_windows as host_windows
@@ -25,6 +34,20 @@ except ImportError:  # ComfyUI before context windows (0.3.4x)
 SCHEDULES = ["standard_uniform", "standard_static", "looped_uniform", "batched"]
 FUSE_METHODS = ["pyramid", "flat", "overlap-linear", "relative"]
 HOST_HAS_WINDOWS = host_windows is not None and hasattr(host_windows, "IndexListContextHandler")
+
+
+def anchor_of(window) -> int | None:
+    """The anchor frame newer hosts prepend to a window (``causal_anchor_index``), or None."""
+    anchor = getattr(window, "causal_anchor_index", None)
+    return anchor if isinstance(anchor, int) and anchor >= 0 else None
+
+
+def window_frames(window) -> list[int] | None:
+    """The clip frames a window's UNet batch holds, in order (the anchor first where there is one)."""
+    if window is None:
+        return None
+    anchor = anchor_of(window)
+    return ([anchor] if anchor is not None else []) + list(window.index_list)
 
 
 def _controls(conds):
@@ -55,6 +78,10 @@ def window_hints(conds, index_list, full_length: int):
 if HOST_HAS_WINDOWS:
     class AnimateDiffContextHandler(host_windows.IndexListContextHandler):
         """The host's handler, made right for windows along the batch axis (see the module docstring)."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.causal_window_fix = False  # plain windows (see the module docstring); older hosts have no anchor
 
         def set_step(self, timestep, model_options):
             super().set_step(timestep.reshape(-1)[:1], model_options)
@@ -109,13 +136,26 @@ def apply_context_windows(model, handler):
     return patched
 
 
-def adopt_stock_handler(executor, *args, **kwargs):
+def adopt_stock_handler(executor, noise, *args, **kwargs):
     """OUTER_SAMPLE wrapper: a handler from the stock Context Windows node (batch axis) runs as ours, for this
-    run only (the sampler works on its own copy of the model options)."""
+    run only (the sampler works on its own copy of the model options): plain windows without the anchor frame,
+    and its FreeNoise option done by our FreeNoise, once (free_noise.take_over_host_free_noise)."""
     options = executor.class_obj.model_options
     handler = options.get("context_handler")
     if HOST_HAS_WINDOWS and type(handler) is host_windows.IndexListContextHandler and handler.dim == 0:
         ours = AnimateDiffContextHandler.__new__(AnimateDiffContextHandler)
         ours.__dict__.update(handler.__dict__)
+        if getattr(handler, "causal_window_fix", False):
+            logging.info("AnimateDiff: context windows without the anchor frame (causal_window_fix off for this "
+                         "model): motion modules were trained on plain consecutive frames.")
+        ours.causal_window_fix = False
         options["context_handler"] = ours
-    return executor(*args, **kwargs)
+        if free_noise.take_over_host_free_noise(ours):
+            ours_on = free_noise.registered(options)
+            logging.warning("AnimateDiff: the Context Windows node's freenoise is replaced by AnimateDiff's FreeNoise "
+                            "for this model (%s), so the noise is rescheduled once.",
+                            "Sampling Options' settings" if ours_on else "the node's windows")
+            if ours_on is None and noise.ndim == 4:
+                seed = kwargs.get("seed", args[6] if len(args) > 6 else None)
+                noise = free_noise.rescheduler(options).reschedule(noise, seed, options)
+    return executor(noise, *args, **kwargs)

@@ -8,10 +8,10 @@ call, how many frames the batch holds.
 """
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 import comfy.ops
 from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+from ..motion_modules import VanillaTemporalModule
 
 
 class FrameCount:
@@ -31,22 +31,29 @@ class FrameGroupNorm(comfy.ops.disable_weight_init.GroupNorm):
         frames = self.frames.value
         if not frames or frames == 1 or x.shape[0] % frames:
             return super().forward(x)
-        if self.comfy_cast_weights or self.weight_function or self.bias_function:
-            weight, bias = comfy.ops.cast_bias_weight(self, x)
-        else:
-            weight, bias = self.weight, self.bias
-        # (b f) c h w -> b c f h w: statistics over the whole clip
-        clips = x.reshape(x.shape[0] // frames, frames, *x.shape[1:]).transpose(1, 2)
-        return F.group_norm(clips, self.num_groups, weight, bias, self.eps).transpose(1, 2).reshape(x.shape)
+        clips, channels, height, width = x.shape[0] // frames, x.shape[1], x.shape[2], x.shape[3]
+        # (b f) c h w -> b c (f h) w: statistics over the whole clip, through the host's own GroupNorm (its
+        # weight casting and patching, whatever their form in this host version)
+        whole = x.reshape(clips, frames, channels, height, width).transpose(1, 2).reshape(clips, channels, frames * height, width)
+        out = super().forward(whole)
+        return out.reshape(clips, channels, frames, height, width).transpose(1, 2).reshape(x.shape)
 
 
 def resnet_norm_patches(unet, frames: FrameCount, prefix: str = "diffusion_model.") -> dict[str, FrameGroupNorm]:
-    """Object patches: every ResBlock's two GroupNorms and the UNet's output norm."""
+    """Object patches: every ResBlock's two GroupNorms and the UNet's output norm.
+
+    Keys are the paths of the UNet as loaded, without temporal modules: the host applies object patches with
+    the injections taken out, but the UNet we walk here may still hold an earlier run's modules (the host
+    keeps the last sampled clone patched), which would shift every index after them."""
     patches = {}
-    for name, module in unet.named_modules():
-        if isinstance(module, ResBlock):
-            for norm in ("in_layers.0", "out_layers.0"):
-                patches[f"{prefix}{name}.{norm}"] = FrameGroupNorm(module.get_submodule(norm), frames)
+    blocks = [(f"input_blocks.{i}", b) for i, b in enumerate(unet.input_blocks)] + [("middle_block", unet.middle_block)] \
+        + [(f"output_blocks.{i}", b) for i, b in enumerate(unet.output_blocks)]
+    for path, block in blocks:
+        layers = [layer for layer in block if not isinstance(layer, VanillaTemporalModule)]
+        for index, layer in enumerate(layers):
+            if isinstance(layer, ResBlock):
+                for norm in ("in_layers.0", "out_layers.0"):
+                    patches[f"{prefix}{path}.{index}.{norm}"] = FrameGroupNorm(layer.get_submodule(norm), frames)
     patches[f"{prefix}out.0"] = FrameGroupNorm(unet.out[0], frames)
     return patches
 

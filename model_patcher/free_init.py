@@ -16,7 +16,6 @@ import math
 import torch
 
 import comfy.model_management
-import comfy.patcher_extension
 from comfy.patcher_extension import WrappersMP
 
 from . import free_noise
@@ -84,6 +83,9 @@ class FreeInit:
                  temporal_stop: float = 0.25, order: int = 4):
         if filter not in FILTERS:
             raise ValueError(f"filter must be one of {FILTERS}, not {filter!r}.")
+        for name, stop in (("free_init_spatial_stop", spatial_stop), ("free_init_temporal_stop", temporal_stop)):
+            if not (math.isfinite(stop) and 0 <= stop <= 1):  # NaN passes the host's min/max checks
+                raise ValueError(f"{name} must be a number from 0 to 1 (a fraction of the highest frequency); got {stop!r}.")
         self.iterations = iterations
         self.filter = filter
         self.spatial_stop = spatial_stop
@@ -112,10 +114,9 @@ class FreeInit:
 
         generator = torch.Generator(device="cpu").manual_seed(_seed(seed, iteration))
         fresh = torch.randn(first_noise.shape, generator=generator, dtype=torch.float32).to(device)
-        rescheduler = comfy.patcher_extension.get_wrappers_with_key(
-            WrappersMP.OUTER_SAMPLE, free_noise.KEY, guider.model_options, is_model_options=True)
+        rescheduler = free_noise.rescheduler(guider.model_options)
         if rescheduler:  # FreeNoise is on: the fresh noise is rescheduled like the first noise was
-            fresh = rescheduler[0].reschedule(fresh, _seed(seed, iteration), guider.model_options)
+            fresh = rescheduler.reschedule(fresh, _seed(seed, iteration), guider.model_options)
 
         response = low_pass_filter(z0.shape[0], z0.shape[2], z0.shape[3], self.filter, self.spatial_stop,
                                    self.temporal_stop, self.order, device=device)

@@ -14,11 +14,10 @@ import logging
 
 import torch
 
+import comfy.patcher_extension
 from comfy.patcher_extension import WrappersMP
 
-from .motion_patcher import KEY as PACK_KEY
-
-KEY = PACK_KEY + ".free_noise"
+KEY = "animatediff_motion.free_noise"  # the pack's wrapper key (motion_patcher.KEY) + ".free_noise"
 
 
 def reschedule_noise(noise: torch.Tensor, window: int, overlap: int, seed: int) -> torch.Tensor:
@@ -65,6 +64,34 @@ class FreeNoise:
             logging.warning("FreeNoise: skipped (it reschedules a batch of 4-D latents, got shape %s).",
                             tuple(noise.shape))
         return executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed, **kwargs)
+
+
+def take_over_host_free_noise(handler) -> bool:
+    """Newer hosts' Context Windows node has its own FreeNoise (``freenoise`` on the handler: a SAMPLER_SAMPLE
+    wrapper shuffles the noise, comfy/context_windows.py ``_sampler_sample_wrapper``). With ours as well the noise
+    would be shuffled twice, and FreeInit's later passes would start from frame-shuffled low frequencies. On a
+    model with a motion module ours runs instead (the same method, the handler's windows): the host's is switched
+    off on this run's handler. Returns whether it was on."""
+    if not getattr(handler, "freenoise", False):
+        return False
+    handler.freenoise = False
+    handler.animatediff_free_noise = True
+    return True
+
+
+def registered(model_options: dict) -> FreeNoise | None:
+    """The FreeNoise that Sampling Options put on this run's model, or None."""
+    found = comfy.patcher_extension.get_wrappers_with_key(WrappersMP.OUTER_SAMPLE, KEY, model_options,
+                                                          is_model_options=True)
+    return found[0] if found else None
+
+
+def rescheduler(model_options: dict) -> FreeNoise | None:
+    """This run's FreeNoise: Sampling Options' wrapper, else the host's one taken over; None when off."""
+    handler = model_options.get("context_handler")
+    if registered(model_options) is None and getattr(handler, "animatediff_free_noise", False):
+        return FreeNoise(handler.context_length, handler.context_overlap)
+    return registered(model_options)
 
 
 def add_free_noise(model, context_length: int = 16, context_overlap: int = 4) -> FreeNoise:

@@ -6,6 +6,7 @@ models, object patches, wrappers); the MODEL passed in is never modified and not
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,14 +16,18 @@ import comfy.model_management
 import comfy.ops
 from comfy.ldm.modules.attention import optimized_attention
 from comfy.model_patcher import ModelPatcher
-from comfy.patcher_extension import PatcherInjection, WrappersMP
+from comfy.patcher_extension import CallbacksMP, PatcherInjection, WrappersMP
 
 from ..motion_modules import (MotionModuleConfig, VanillaTemporalModule, load_motion_module, read_state_dict,
                               sdpa_attention)
 from ..motion_modules.motion_lora import check_fits, lora_pairs
-from . import context_windows, frame_groupnorm, placement, schedules
+from . import context_windows, frame_groupnorm, placement, prompt_schedule, schedules
 
 KEY = "animatediff_motion"
+MAX_SCALE = 10.0  # motion_scale's widget maximum; per-frame scales are held to the same range
+# Hosts with multi-GPU sampling deep-clone the model per device and then call these callbacks (newer
+# comfy/model_patcher.py, ModelPatcher.deepclone_multigpu); older hosts never call them.
+ON_DEEPCLONE_MULTIGPU = getattr(CallbacksMP, "ON_DEEPCLONE_MULTIGPU", "on_deepclone_multigpu")
 PLAIN_PASS = "animatediff_motion_plain_pass"  # transformer_options flag: run the UNet without the modules
 # The host's fallback attentions (its CPU default) chunk long sequences at the cost of copies and many small ops;
 # temporal attention runs over a few dozen frames, which torch SDPA takes in one call on q/k/v views.
@@ -38,21 +43,39 @@ class MotionOptions:
     frame_groupnorm: str = "autoselect"      # v1's ResNet GroupNorm across frames: autoselect / on / off
     stretch_positions: bool = False          # allow more frames than the encoding, by stretching it
 
+    def __post_init__(self):
+        # JSON NaN and inf pass the host's min/max checks (every comparison with NaN is false): refuse them here.
+        scales = self.scale if isinstance(self.scale, tuple) else (self.scale,)
+        bad = [v for v in scales if not (isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v <= MAX_SCALE)]
+        if bad or not scales:
+            raise ValueError(f"motion_scale must be a number from 0 to {MAX_SCALE:g} (per frame too); got {bad[0] if bad else '()'!r}. "
+                             "1 is the module as trained, 0 turns it off.")
+        if not (isinstance(self.effect, (int, float)) and math.isfinite(self.effect) and 0 <= self.effect <= 1):
+            raise ValueError(f"effect must be a number from 0 to 1; got {self.effect!r}. 1 is the animated prediction, "
+                             "0 the unanimated one.")
 
-def load_motion_patcher(path: str | Path) -> ModelPatcher:
-    """Read a motion-module file into a ModelPatcher, in the dtype the host runs UNets in on this device."""
+
+def load_motion_patcher(path: str | Path, disable_dynamic: bool = False) -> ModelPatcher:
+    """Read a motion-module file into a ModelPatcher, in the dtype the host runs UNets in on this device.
+
+    ``cached_patcher_init`` is the host's recipe for a fresh copy of a model (newer hosts read it to deep-clone
+    a model and its additional models for each GPU, and pass ``disable_dynamic``; our patcher is never dynamic)."""
     module = load_motion_module(path, ops=comfy.ops.disable_weight_init)
     params = sum(p.numel() for p in module.parameters())
     dtype = comfy.model_management.unet_dtype(model_params=params)
     if next(module.parameters()).dtype != dtype:
         module.to(dtype)
-    return ModelPatcher(module, load_device=comfy.model_management.get_torch_device(),
-                        offload_device=comfy.model_management.unet_offload_device())
+    patcher = ModelPatcher(module, load_device=comfy.model_management.get_torch_device(),
+                           offload_device=comfy.model_management.unet_offload_device())
+    patcher.cached_patcher_init = (load_motion_patcher, (str(path),))
+    return patcher
 
 
 def add_motion_lora(motion: ModelPatcher, path: str | Path, strength: float) -> ModelPatcher:
     """A clone of the motion module with a motion LoRA as host weight patches (removed exactly at unpatch)."""
     name = Path(path).name
+    if not math.isfinite(strength):
+        raise ValueError(f"Motion LoRA {name}: strength must be a finite number, got {strength!r}.")
     pairs = lora_pairs(read_state_dict(path), name)
     check_fits(pairs, motion.model.state_dict(), name, motion.model.config.family)
     patched = motion.clone()
@@ -87,10 +110,14 @@ class TemporalPatch:
         chunks = len(transformer_options.get("cond_or_uncond") or [0])
         frames = x.shape[0] // chunks
         if frames > self.config.max_frames and not self.stretch_positions:
+            anchor = context_windows.anchor_of(transformer_options.get("context_window")) is not None
             raise ValueError(
                 f"{frames} frames, but motion module '{self.config.extra.get('name')}' ({self.config.family}) handles "
-                f"at most {self.config.max_frames} at once (its positional encoding). Sample with context windows "
-                f"(Context Windows node), use at most {self.config.max_frames} latents, or turn on stretch_positions.")
+                f"at most {self.config.max_frames} at once (its positional encoding). " + (
+                    "The context handler adds an anchor frame to each window (causal_window_fix): turn that off, or "
+                    f"use windows of at most {self.config.max_frames - 1} frames." if anchor else
+                    "Sample with context windows (Context Windows node), use at most "
+                    f"{self.config.max_frames} latents, or turn on stretch_positions."))
         scale = self.frame_scale(frames, chunks, transformer_options, x)
         dtype = layer.temporal_transformer.proj_in.weight.dtype
         if x.dtype == dtype:
@@ -100,8 +127,8 @@ class TemporalPatch:
     def frame_scale(self, frames: int, chunks: int, transformer_options: dict, x) -> float | torch.Tensor:
         if not isinstance(self.scale, tuple):
             return self.scale
-        window = transformer_options.get("context_window")
-        indices = window.index_list if window is not None and len(window.index_list) == frames else range(frames)
+        window = context_windows.window_frames(transformer_options.get("context_window"))
+        indices = window if window is not None and len(window) == frames else range(frames)
         values = [self.scale[min(i, len(self.scale) - 1)] for i in indices]  # the last value holds to the end
         return torch.tensor(values, dtype=x.dtype, device=x.device).repeat(chunks).view(-1, 1, 1, 1)
 
@@ -133,6 +160,17 @@ def _remove_previous(patched: ModelPatcher) -> None:
             del patched.object_patches[key]
     for wrapper_type in (WrappersMP.DIFFUSION_MODEL, WrappersMP.APPLY_MODEL, WrappersMP.OUTER_SAMPLE):
         patched.remove_wrappers_with_key(wrapper_type, KEY)
+    patched.remove_callbacks_with_key(ON_DEEPCLONE_MULTIGPU, KEY)
+
+
+def _patch_frame_groupnorm(patched: ModelPatcher) -> None:
+    """GroupNorm across frames for ``patched``'s own UNet (again for each GPU's copy: the norms share that
+    copy's parameters, and each copy counts its own frames)."""
+    frames = frame_groupnorm.FrameCount()
+    for key, norm in frame_groupnorm.resnet_norm_patches(patched.model.diffusion_model, frames).items():
+        patched.add_object_patch(key, norm)
+    patched.remove_wrappers_with_key(WrappersMP.DIFFUSION_MODEL, KEY)
+    patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, KEY, frame_groupnorm.frame_count_wrapper(frames))
 
 
 def apply_motion_module(model: ModelPatcher, motion: ModelPatcher, options: MotionOptions = MotionOptions()) -> ModelPatcher:
@@ -156,13 +194,13 @@ def apply_motion_module(model: ModelPatcher, motion: ModelPatcher, options: Moti
     sampling = schedules.model_sampling(schedule, model.get_model_object("model_sampling"))
     if sampling is not None:
         patched.add_object_patch("model_sampling", sampling)
+        patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, schedules.keep_schedules_apart(sampling))
     across_frames = {"on": True, "off": False}.get(options.frame_groupnorm, config.family in ("AnimateDiff v1", "HotshotXL"))
     if across_frames:
-        frames = frame_groupnorm.FrameCount()
-        for key, norm in frame_groupnorm.resnet_norm_patches(unet, frames).items():
-            patched.add_object_patch(key, norm)
-        patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, KEY, frame_groupnorm.frame_count_wrapper(frames))
+        _patch_frame_groupnorm(patched)
+        patched.add_callback_with_key(ON_DEEPCLONE_MULTIGPU, KEY, lambda _, copy: _patch_frame_groupnorm(copy))
     patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, context_windows.adopt_stock_handler)
+    patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, prompt_schedule.check_frames)
     if options.effect != 1.0:
         patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, KEY, _effect_wrapper(options.effect))
     return patched

@@ -1,12 +1,22 @@
 """The noise schedule each motion-module family was trained with, swapped in as the clone's ``model_sampling``
 (an object patch: the host restores the checkpoint's own when the clone is unpatched).
 
+ComfyUI's dynamic-VRAM loader (``comfy/model_patcher.py``: ``ModelPatcherDynamic.load`` and
+``restore_loaded_backups``, default on NVIDIA from about 0.15) backs model buffers up by attribute path at a load
+and writes them back by path at the next one, into whatever object sits at that path then. Both directions would
+silently mix schedules: the checkpoint's ``model_sampling.sigmas`` written into ours (an AnimateDiff run sampling
+with the checkpoint's schedule), or ours into the checkpoint's (a later plain run keeping AnimateDiff's). Our
+object keeps its own values whatever is written into it, and after each run the loader's backups of our schedule
+are dropped.
+
 ComfyUI's names: "linear" is linear in sqrt(beta) (diffusers' "scaled_linear"); "sqrt_linear" is linear in
 beta (diffusers' "linear"), the schedule AnimateDiff's SD1.5 modules were trained with.
 """
 from __future__ import annotations
 
 from types import SimpleNamespace
+
+import torch
 
 import comfy.model_sampling
 
@@ -30,6 +40,18 @@ FAMILY_DEFAULT = {
     "AnimateLCM": LCM, "AnimateDiff SDXL beta": LINEAR_SDXL, "HotshotXL": LINEAR,
 }
 CHOICES = [AUTOSELECT, USE_EXISTING, *SETTINGS]
+SCHEDULE_BUFFERS = ("sigmas", "log_sigmas")
+
+
+class OwnSchedule:
+    """Mixin of our ``model_sampling`` classes: a write of a schedule buffer (the host's loaders set buffers with
+    ``register_buffer``) takes the device and dtype it is given and keeps this object's values."""
+
+    def register_buffer(self, name, tensor, persistent=True):
+        own = self.__dict__.get("own_schedule")
+        if own is not None and name in own and tensor is not None:
+            tensor = own[name].to(device=tensor.device, dtype=tensor.dtype)
+        super().register_buffer(name, tensor, persistent)
 
 
 def resolve(choice: str, family: str) -> str:
@@ -49,6 +71,30 @@ def model_sampling(name: str, current) -> object | None:
         bases = (ModelSamplingDiscreteDistilled, LCMDenoiser)
     else:
         bases = (comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.EPS)
-    sampling = type("AnimateDiffModelSampling", bases, {})(config)
+    sampling = type("AnimateDiffModelSampling", (OwnSchedule, *bases), {})(config)
+    sampling.own_schedule = {name: getattr(sampling, name).clone() for name in SCHEDULE_BUFFERS}
     sampling.animatediff_motion = True  # ours: a later apply may replace it
     return sampling
+
+
+def forget_loader_backups(patcher, sampling, path: str = "model_sampling") -> None:
+    """Drop the by-path buffer backups (``backup_buffers``, a dict the dynamic-VRAM loader shares between clones)
+    that hold ``sampling``'s schedule, so that no later load writes them into the checkpoint's own object."""
+    backups = getattr(patcher, "backup_buffers", None)
+    if not isinstance(backups, dict):
+        return  # a loader without by-path backups
+    for name, ours in sampling.own_schedule.items():
+        backup = backups.get(f"{path}.{name}")
+        if isinstance(backup, torch.Tensor) and backup.shape == ours.shape \
+                and torch.equal(backup.detach().to("cpu", ours.dtype), ours):
+            del backups[f"{path}.{name}"]
+
+
+def keep_schedules_apart(sampling):
+    """OUTER_SAMPLE wrapper: after the run (also a failed one), forget the loader's backups of our schedule."""
+    def wrapper(executor, *args, **kwargs):
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            forget_loader_backups(executor.class_obj.model_patcher, sampling)
+    return wrapper

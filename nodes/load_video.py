@@ -1,6 +1,7 @@
 """Load Video: a video file, GIF, animated WebP or image folder as an IMAGE batch (plus its rate and sound), for
 video-to-video. Frames are streamed: only the selected ones are converted, resized and kept."""
 import hashlib
+import logging
 import os
 
 import folder_paths
@@ -8,11 +9,16 @@ import numpy as np
 import torch
 
 from ..video import FOLDER_FPS, image_folder_files, iter_frames, probe, read_audio
+from ..video.decode import is_folder
+
+log = logging.getLogger(__name__)
 
 RESIZE_MODES = ("shortest side", "width x height", "none")
 ANIMATION_EXTENSIONS = (".gif", ".webp")
 MAX_FRAMES = 100_000
 MAX_SIDE = 8192
+VIDEO_FOLDERS_ENV = "ADM_VIDEO_FOLDERS"
+"""Folders (os.pathsep separated) that ``path`` may read besides ComfyUI's input, output and temp folders."""
 
 
 class LoadVideo:
@@ -40,8 +46,9 @@ class LoadVideo:
             "video": (_input_videos(), {"video_upload": True, "tooltip":
                       "A video in ComfyUI's input folder; upload one with the button. Ignored when path is set."}),
             "path": ("STRING", {"default": "", "tooltip":
-                     "Optional: a video file or a folder of numbered images anywhere on the server's disk (relative "
-                     "paths start in the input folder). When set, it is used instead of video."}),
+                     "Optional: a video file or a folder of numbered images in ComfyUI's input, output or temp "
+                     f"folder, or in a folder listed in the server's {VIDEO_FOLDERS_ENV} environment variable "
+                     "(relative paths start in the input folder). When set, it is used instead of video."}),
             "start_frame": ("INT", {"default": 0, "min": 0, "max": 10_000_000, "tooltip":
                             "The first frame to load, counted in the file's own frames (0 = the first)."}),
             "frame_count": ("INT", {"default": 16, "min": 0, "max": MAX_FRAMES, "tooltip":
@@ -68,14 +75,16 @@ class LoadVideo:
 
     @classmethod
     def VALIDATE_INPUTS(cls, video, path):
-        # Taking `video` here also stops the host from refusing a name that is not (yet) in the combo's list.
+        # Taking `video` here also stops the host from refusing a name that is not (yet) in the combo's list, so
+        # resolve_source does the host's other job: keeping the name inside its folder.
         try:
             source = resolve_source(video, path)
+            if not os.path.exists(source):
+                return f"Video not found: {source!r}" + ("" if (path or "").strip() else
+                                                         " (upload it or put it in ComfyUI's input folder)")
+            is_folder(source)  # a FIFO or device would block or never end: refused by os.stat, not opened
         except ValueError as ex:
             return str(ex)
-        if not os.path.exists(source):
-            return f"Video not found: {source!r}" + ("" if (path or "").strip() else
-                                                     " (upload it or put it in ComfyUI's input folder)")
         return True
 
     @classmethod
@@ -93,6 +102,7 @@ class LoadVideo:
         source = resolve_source(video, path)
         frames = iter_frames(source, start=start_frame, count=frame_count or None, every_nth=every_nth,
                              target_fps=target_fps or None)
+        short = None
         progress = comfy.utils.ProgressBar(frame_count) if frame_count else None
         kept = []
         with frames:
@@ -104,7 +114,13 @@ class LoadVideo:
                 kept.append(frame)
                 if progress is not None:
                     progress.update(1)
+            if frames.truncated:
+                short = (f"{source!r} is cut short: only {frames.frames_read} of the {frames.frames_declared} "
+                         f"frames its container declares could be read (an interrupted download or copy?)")
         if not kept:
+            if short:
+                raise ValueError(f"No frames to load: {short}, and start_frame {start_frame} is past them. Lower "
+                                 "start_frame, or replace the file with a complete copy.")
             total = _frame_total(source)
             raise ValueError(f"No frames to load from {source!r}: start_frame {start_frame} is past its last frame "
                              f"({total} frames). Lower start_frame.")
@@ -118,13 +134,19 @@ class LoadVideo:
         if audio is not None:
             audio = {"waveform": torch.from_numpy(audio[0]).unsqueeze(0), "sample_rate": audio[1]}
         # A stream that stores no rate (rare) plays at AnimateDiff's usual 8 fps rather than breaking Save Video.
-        return images, len(images), float(frames.fps or FOLDER_FPS), audio
+        result = images, len(images), float(frames.fps or FOLDER_FPS), audio
+        if short:  # loaded, but say so: in the log and in the node's UI text (also in /history for API clients)
+            note = f"{short}; loaded {len(images)} frames. Replace the file with a complete copy to get them all."
+            log.warning("Load Video: %s", note)
+            return {"ui": {"text": [note]}, "result": result}
+        return result
 
 
 def _input_videos() -> list[str]:
     folder = folder_paths.get_input_directory()
     try:
-        names = [n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n))]
+        names = [n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n))
+                 and _within(os.path.join(folder, n), [folder])]  # not symlinks leading out: they are refused
     except OSError:
         return []
     videos = set(folder_paths.filter_files_content_types(names, ["video"]))
@@ -133,17 +155,61 @@ def _input_videos() -> list[str]:
 
 
 def resolve_source(video: str, path: str) -> str:
-    """The file or folder to read: ``path`` when set (quotes stripped, ~ expanded, relative to the input folder),
-    else the ``video`` chosen in the input folder (annotated names like "clip.mp4 [output]" work too)."""
+    """The real path (symlinks resolved) of the file or folder to read: ``path`` when set (quotes stripped, ~
+    expanded, relative to the input folder), else the ``video`` chosen in the input folder (annotated names like
+    "clip.mp4 [output]" work too, as the host reads them). Nothing is opened or tested for existence here: a
+    ``video`` outside its folder, or a ``path`` outside allowed_folders(), is refused with a message that is the
+    same whether the file exists or not, so API clients cannot probe the server's disk with it."""
     path = (path or "").strip()
     if len(path) >= 2 and path[0] == path[-1] and path[0] in "'\"":
         path = path[1:-1].strip()
     if path:
-        path = os.path.expanduser(path)
-        return path if os.path.isabs(path) else os.path.join(folder_paths.get_input_directory(), path)
+        full = os.path.join(folder_paths.get_input_directory(), os.path.expanduser(path))  # absolute ones stay
+        if not _within(full, allowed_folders()):
+            raise ValueError(
+                f"path {path!r} is outside the folders Load Video may read (ComfyUI's input, output and temp "
+                f"folders and those listed in {VIDEO_FOLDERS_ENV}). Move the file into ComfyUI's input folder, or "
+                f"add its folder to the environment variable {VIDEO_FOLDERS_ENV} (several separated by "
+                f"{os.pathsep!r}) and restart ComfyUI.")
+        return os.path.realpath(full)
     if not video:
         raise ValueError("No video chosen: upload one, put one in ComfyUI's input folder, or set path.")
-    return folder_paths.get_annotated_filepath(video)
+    # The host's annotated-path rules: "name [output]" / "name [temp]" is a file in that folder, else in input.
+    base = folder_paths.annotated_filepath(video)[1] or folder_paths.get_input_directory()
+    full = folder_paths.get_annotated_filepath(video)
+    if not _within(full, [base]):  # "../x", "/etc/x", or a symlink that leads out
+        which = next((w for w in ("output", "temp") if video.endswith(f"[{w}]")), "input")
+        raise ValueError(f"video {video!r} is not a file inside ComfyUI's {which} folder: choose one from the "
+                         "list or upload it (to read a file elsewhere, use path).")
+    return os.path.realpath(full)
+
+
+def allowed_folders() -> list[str]:
+    """The folders ``path`` may read: the host's input, output and temp folders, and the folders listed in the
+    ADM_VIDEO_FOLDERS environment variable (read when called; set it before starting ComfyUI)."""
+    folders = [folder_paths.get_input_directory(), folder_paths.get_output_directory(),
+               folder_paths.get_temp_directory()]
+    folders += [f.strip() for f in os.environ.get(VIDEO_FOLDERS_ENV, "").split(os.pathsep) if f.strip()]
+    return [os.path.expanduser(f) for f in folders]
+
+
+def _within(path: str, folders: list[str]) -> bool:
+    """Whether ``path`` lies in one of ``folders``, both as written (".." collapsed, nothing on disk looked at) and
+    after resolving symlinks: the second alone would let a client learn which paths outside are symlinks, the
+    first alone would let a symlink inside lead out."""
+    plain = os.path.abspath(path)
+    if not any(_inside(plain, os.path.abspath(folder)) for folder in folders):
+        return False
+    real = os.path.realpath(path)
+    return any(_inside(real, os.path.realpath(folder)) for folder in folders)
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether the absolute path ``path`` is ``folder`` or below it."""
+    try:
+        return os.path.commonpath([path, folder]) == folder
+    except ValueError:  # different drives on Windows
+        return False
 
 
 def _fingerprint(source: str) -> str:

@@ -3,8 +3,8 @@ import logging
 
 import torch
 
-from ..model_patcher.prompt_schedule import (INTERPOLATIONS, blend, common_token_length, frame_blend, join_prompt,
-                                             parse_schedule)
+from ..model_patcher.prompt_schedule import (FRAMES_KEY, INTERPOLATIONS, MAX_TOKENS, PromptScheduleError, blend,
+                                             common_token_length, frame_blend, join_prompt, parse_schedule)
 
 EXAMPLE = '"0": "a cat in a garden",\n"16": "a dog in the snow"'
 
@@ -18,11 +18,18 @@ def encode_schedule(clip, text: str, frames: int, interpolation: str = "linear",
     for prompt in prompts:  # each distinct prompt once
         if prompt not in encoded:
             encoded[prompt] = clip.encode_from_tokens(clip.tokenize(prompt), return_pooled=True, return_dict=True)
+    for keyframe, prompt in zip(keyframes, prompts):
+        tokens = encoded[prompt]["cond"].shape[1]
+        if tokens > MAX_TOKENS:
+            raise PromptScheduleError(
+                f"Prompt schedule line {keyframe.line}: the prompt of frame {keyframe.frame} (with pre_text and "
+                f"app_text) encodes to {tokens} tokens; Prompt Travel takes at most {MAX_TOKENS} ({MAX_TOKENS // 77} "
+                f"chunks of 77). Shorten it.")
     outputs = [encoded[p] for p in prompts]
     plan = frame_blend([k.frame for k in keyframes], frames, interpolation)
 
     cond = blend(common_token_length([o["cond"] for o in outputs]), plan)
-    extra = {}
+    extra = {FRAMES_KEY: frames}  # for the sampling-time check that frames is the latent batch size
     for key, first in outputs[0].items():
         if key == "cond":
             continue
@@ -54,11 +61,14 @@ class PromptTravel:
                 "clip": ("CLIP", {"tooltip": "The text encoder (from the checkpoint loader)."}),
                 "text": ("STRING", {"multiline": True, "dynamicPrompts": False, "default": EXAMPLE, "tooltip":
                                     'One keyframe per line: "frame": "prompt", (quotes and trailing commas '
-                                    'optional; frames count from 0). Frames before the first keyframe take its '
-                                    "prompt, frames after the last keyframe the last prompt."}),
+                                    'optional; frames count from 0), or the JSON form {"0": "a cat", "16": "a dog"}. '
+                                    "Frames before the first keyframe take its prompt, frames after the last "
+                                    "keyframe the last prompt. Keyframes at or past frames are ignored (a warning "
+                                    "in the console): the last keyframe inside the clip holds to its end."}),
                 "frames": ("INT", {"default": 16, "min": 1, "max": 10000, "tooltip":
-                                   "The clip length: the batch size of the latent you sample. Every keyframe must "
-                                   "be below it."}),
+                                   "The clip length: must equal the batch size of the latent you sample. A model "
+                                   "with a motion module refuses a mismatch when sampling (the host would loop or "
+                                   "cut the schedule). Keyframes at or past it are ignored."}),
                 "interpolation": (list(INTERPOLATIONS), {"default": "linear", "tooltip":
                                   "linear: frames between two keyframes blend their embeddings in proportion to "
                                   "the distance. hold: each prompt holds until the next keyframe (a cut)."}),

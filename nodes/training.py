@@ -1,6 +1,8 @@
 """Video Dataset -> Train Motion Module: train a motion module (or a motion LoRA) on a folder of videos, with the
 checkpoint's image model frozen. The work is done by training.loop; these nodes only gather the inputs."""
+import functools
 import hashlib
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -196,7 +198,8 @@ class _Progress:
     state) when the prompt is cancelled."""
 
     def __init__(self, steps: int, node_id):
-        self.bar = comfy.utils.ProgressBar(steps, node_id=node_id)
+        bar = comfy.utils.ProgressBar
+        self.bar = bar(steps, node_id=node_id) if _takes_node_id(bar) else bar(steps)
         self.node_id = node_id
         self.every = max(1, steps // PREVIEWS)
 
@@ -207,6 +210,17 @@ class _Progress:
         self.bar.update_absolute(step, total, preview)
         _progress_text(f"step {step}/{total}  loss {loss:.4f}", self.node_id)
         return False
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_node_id(progress_bar_class) -> bool:
+    """Whether the host's ProgressBar takes ``node_id=`` (0.3.75 does); older hosts' (December 2024) take only the
+    total and report the running node themselves. Read once per class."""
+    try:
+        parameters = inspect.signature(progress_bar_class).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: the oldest form is the safe call
+        return False
+    return any(p.name == "node_id" or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def _progress_text(text: str, node_id) -> None:

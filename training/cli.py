@@ -29,7 +29,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "in the published AnimateDiff layout. Run under torchrun for several processes.",
         epilog="data: a folder of videos (.mp4 .webm .mkv .mov .avi .m4v .gif .webp, searched recursively) with "
                "captions in a CSV (WebVid's videoid,name columns or file/caption) and/or a .txt beside each video. "
-               "exit codes: 0 done, 1 failed, 2 bad usage, 130 interrupted (the state is saved; --resume latest).")
+               "exit codes: 0 done, 1 failed, 2 bad usage (an option, or a file or folder it names that cannot be "
+               "used: missing, of the wrong kind, damaged), 130 interrupted (the state is saved; --resume latest).")
     data = parser.add_argument_group("data")
     data.add_argument("--checkpoint", required=True, type=Path, metavar="FILE",
                       help="the image model: an SD1.5 (or SDXL) checkpoint with UNet, CLIP and VAE")
@@ -40,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     data.add_argument("--caption-column", help="CSV column with the caption (default: name, caption, text, prompt)")
     data.add_argument("--frames", type=int, default=16, help="frames per clip (default: %(default)s)")
     data.add_argument("--stride", type=int, default=4, help="source frames between clip frames (default: %(default)s)")
-    data.add_argument("--size", default="256", metavar="S|WxH",
+    data.add_argument("--size", default="256", metavar="S|WxH", type=_size,
                       help="training size in pixels: resize to cover, center crop (default: %(default)s)")
     data.add_argument("--caption-dropout", type=float, default=0.1, help="empty-caption probability (default: %(default)s)")
     data.add_argument("--first-frames", action="store_true", help="clips start at frame 0 instead of a random frame")
@@ -97,8 +98,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def _size(text: str) -> tuple[int, int]:
+    """argparse type of --size: S or WxH pixels."""
     width, _, height = text.lower().partition("x")
-    return int(width), int(height or width)
+    try:
+        return int(width), int(height or width)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not S or WxH in pixels, e.g. 256 or 512x320") from None
+
+
+def _unusable_path(args: argparse.Namespace) -> str | None:
+    """The first file or folder of the command line that cannot be used, as an error message naming it and the
+    fix; checked before torch and the host are imported."""
+    resume = args.resume if args.resume not in (None, "latest") else None
+    for flag, path, folder in (("--checkpoint", args.checkpoint, False), ("--data", args.data, True),
+                               ("--captions", args.captions, False), ("--init", args.init, False),
+                               ("--lora-init", args.lora_init, False), ("--resume", resume, False)):
+        if path is None:
+            continue
+        path = Path(path)
+        if not path.exists():
+            return f"{flag} {path} does not exist: check the path."
+        if folder and not path.is_dir():
+            return f"{flag} {path} is a file: give the folder that holds the training videos."
+        if not folder and path.is_dir():
+            return f"{flag} {path} is a folder: give the file itself."
+    return None
 
 
 def init_distributed(cpu: bool = False) -> tuple[int, int]:
@@ -172,8 +196,9 @@ def run(args: argparse.Namespace) -> int:
     if not (comfyui / "comfy").is_dir():
         print(f"error: no ComfyUI at {comfyui}; pass --comfyui or set COMFYUI_DIR", file=sys.stderr)
         return EXIT_USAGE
-    if not args.checkpoint.is_file():
-        print(f"error: checkpoint {args.checkpoint} does not exist", file=sys.stderr)
+    unusable = _unusable_path(args)
+    if unusable:
+        print(f"error: {unusable}", file=sys.stderr)
         return EXIT_USAGE
     if args.lora_rank and not args.init:
         print("error: --lora-rank trains a LoRA on an existing motion module: give it with --init", file=sys.stderr)
@@ -187,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
 
     import comfy.sd
+    from ..motion_modules.formats import MotionModuleError
     from . import loop
     from .dataset import ClipSpec, DatasetError, VideoDataset
 
@@ -197,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     printer = _Printer(args.log_every, quiet=rank != 0)
     previous_handlers = printer.install()
     try:
-        width, height = _size(args.size)
+        width, height = args.size
         spec = ClipSpec(args.frames, args.stride, width, height, random_start=not args.first_frames,
                         hflip=args.hflip, caption_dropout=args.caption_dropout)
         dataset = VideoDataset(args.data, spec, args.captions, args.id_column, args.caption_column, args.latent_cache)
@@ -215,12 +241,18 @@ def run(args: argparse.Namespace) -> int:
         try:
             model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(args.checkpoint), output_vae=True,
                                                                      output_clip=True)[:3]
-        except RuntimeError as e:  # the host's "could not detect model type", a damaged file
-            print(f"error: {args.checkpoint.name} cannot be loaded as a checkpoint: {e}", file=sys.stderr)
-            return EXIT_FAILED
+        except Exception as e:  # damaged (safetensors, pickle), another kind of file, a model the host does not know
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            print(f"error: --checkpoint {args.checkpoint} cannot be loaded as a checkpoint ({reason}): give an SD1.5 "
+                  "or SDXL checkpoint that ComfyUI's Load Checkpoint reads (download it again if it is damaged).",
+                  file=sys.stderr)
+            return EXIT_USAGE
         result, path = loop.train_motion(model, clip, vae, dataset, options, out, init=args.init, style=args.layout,
                                          lora_rank=args.lora_rank, lora_scale=args.lora_scale, progress=printer,
                                          resume=resume, save_dtype=args.save_dtype, lora_init=args.lora_init)
+    except MotionModuleError as e:  # --init or --lora-init is not a readable motion module / LoRA
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except (DatasetError, loop.TrainingError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED

@@ -102,13 +102,28 @@ def read_captions_csv(path: str | os.PathLike, id_column: str | None = None,
                       caption_column: str | None = None) -> dict[str, str]:
     """{video id or relative path: caption} from a CSV with a header row; columns are found by name."""
     path = Path(path)
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        fields = {name.strip().lower(): name for name in reader.fieldnames or []}
-        id_key = _pick_column(fields, id_column, ID_COLUMNS, path, "video id/file")
-        caption_key = _pick_column(fields, caption_column, CAPTION_COLUMNS, path, "caption")
-        return {str(row[id_key]).strip(): str(row[caption_key] or "").strip()
-                for row in reader if row.get(id_key)}
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    # UTF-8 (with or without the BOM spreadsheets write) or UTF-16 with its BOM ("Unicode text" in Excel).
+    # Anything else is refused rather than guessed: latin-1 would "decode" any bytes, so captions saved as
+    # cp1252 or Shift-JIS would train as garbage without a word.
+    encoding = "utf-16" if head[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    fix = "Save it as UTF-8 (in a spreadsheet: CSV UTF-8) and run again."
+    if encoding == "utf-8-sig" and b"\x00" in head:
+        raise DatasetError(f"captions file {path}: holds NUL bytes, like UTF-16 text without a byte-order mark. {fix}")
+    try:
+        with open(path, newline="", encoding=encoding) as f:
+            reader = csv.DictReader(f)
+            fields = {name.strip().lower(): name for name in reader.fieldnames or []}
+            id_key = _pick_column(fields, id_column, ID_COLUMNS, path, "video id/file")
+            caption_key = _pick_column(fields, caption_column, CAPTION_COLUMNS, path, "caption")
+            return {str(row[id_key]).strip(): str(row[caption_key] or "").strip()
+                    for row in reader if row.get(id_key)}
+    except UnicodeDecodeError as e:
+        byte = e.object[e.start:e.start + 1].hex()
+        raise DatasetError(f"captions file {path}: not {'UTF-16' if encoding == 'utf-16' else 'UTF-8'} text (it "
+                           f"holds the byte 0x{byte}; latin-1 and other legacy encodings are not guessed). {fix}"
+                           ) from None
 
 
 def _pick_column(fields: dict[str, str], wanted: str | None, known: tuple[str, ...], path: Path, what: str) -> str:
@@ -133,7 +148,8 @@ def count_frames(path: str | os.PathLike) -> int:
 
 def decode_frames(path: str | os.PathLike, indices: Iterable[int]) -> dict[int, np.ndarray]:
     """{index: uint8 RGB frame [H, W, 3]} for the wanted source frames, streamed (video.iter_frames: colour
-    range and rotation handled; decoding stops after the last wanted frame)."""
+    range and rotation handled; decoding stops after the last wanted frame). ValueError when the file ends before
+    a wanted frame (a cut-off file whose header declares more frames than it holds)."""
     wanted = sorted(set(indices))
     keep = set(wanted)
     steps = {b - a for a, b in zip(wanted, wanted[1:])}
@@ -144,14 +160,18 @@ def decode_frames(path: str | os.PathLike, indices: Iterable[int]) -> dict[int, 
         for index, frame in zip(picked, frames):
             if index in keep:
                 found[index] = frame
-    if not found:
-        raise ValueError(f"no decodable frames from frame {wanted[0]} on")
-    # A header that overstated the frame count: repeat the last frame decoded rather than fail the clip.
-    out, last = {}, found[min(found)]
-    for i in wanted:
-        last = found.get(i, last)
-        out[i] = last
-    return out
+        read, declared = frames.frames_read, frames.frames_declared
+    if len(found) < len(wanted):
+        # Fewer frames than the header declared (a cut-off file): repeating the last one would teach a still
+        # ending, so the clip fails and the dataset skips it. The reason names the video, not the clip, so the
+        # skipped list gets one line per file however many of its clips fail.
+        if declared and read < declared:
+            raise ValueError(f"truncated: only {read} of the {declared} frames its header declares decode "
+                             "(a cut-off download or copy?); clips that reach past them are skipped. Replace the "
+                             "file with a complete copy.")
+        raise ValueError(f"only {read} frames decode, fewer than the frame count read when the folder was scanned; "
+                         "clips that reach past them are skipped.")
+    return found
 
 
 def fit_frame(frame: np.ndarray, width: int, height: int) -> Tensor:

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import stat
 from fractions import Fraction
 from functools import partial
 
@@ -20,6 +21,8 @@ from .encode import WEBP_FIRST_TAG, WEBP_LAST_TAG, WEBP_PROMPT_TAG
 
 def sniff_format(path: str | os.PathLike) -> str:
     """"gif", "webp", or "video" (anything else, left to PyAV/FFmpeg)."""
+    if is_folder(path):
+        raise _unreadable(path, "it is a folder, not a file")
     with open(path, "rb") as f:
         head = f.read(12)
     if head[:6] in (b"GIF87a", b"GIF89a"):
@@ -120,6 +123,25 @@ def _unreadable(path, reason) -> ValueError:
     return ValueError(f"Cannot read video {os.fspath(path)!r}: {reason}")
 
 
+def is_folder(path: str | os.PathLike) -> bool:
+    """True for a folder, False for a regular file; ValueError naming the path for anything else. Decided by
+    os.stat alone, before anything is opened: open() on a FIFO (or /dev/stdin on a terminal) blocks until a writer
+    comes, and a device such as /dev/zero never ends, either of which would stall the server."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise _unreadable(path, "no such file or folder") from None
+    except OSError as ex:
+        raise _unreadable(path, ex.strerror or ex) from None
+    if stat.S_ISDIR(mode):
+        return True
+    if stat.S_ISREG(mode):
+        return False
+    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+    raise _unreadable(path, f"it is {kind}; only video files and folders of images are read")
+
+
 def _natural_key(name: str) -> tuple:
     """Sort key with digit runs compared as numbers: frame2 < frame10 (name itself breaks ties: 02 vs 2)."""
     parts = re.split(r"(\d+)", name)
@@ -191,6 +213,7 @@ class _PyAVSource:
         self.period = 1 / self.fps if self.fps else Fraction(1, 25)
         names = self.container.format.name.split(",")  # e.g. "mov,mp4,m4a,3gp,3g2,mj2"
         self.format = "mp4" if "mp4" in names else names[0]
+        self.declared = int(self.stream.frames or 0) or None  # from the container's index; Matroska stores none
 
     def frames(self):
         import av
@@ -209,7 +232,9 @@ class _PyAVSource:
                 yield _Frame(index, time, None, partial(_rgb24, frame), last_end=time + duration)
                 previous = time
         except av.FFmpegError as ex:
-            raise _unreadable(self.path, f"decoding failed after frame {index + 1} ({ex})") from None
+            of = f" of the {self.declared} its container declares" if self.declared else ""
+            raise _unreadable(self.path, f"decoding failed after frame {index + 1}{of} ({ex}); the file is damaged "
+                                         "or cut short: replace it with a complete copy") from None
 
     def close(self):
         self.container.close()
@@ -217,6 +242,7 @@ class _PyAVSource:
 
 class _PillowSource:
     """Animated GIF / WebP (FFmpeg cannot decode animated WebP)."""
+    declared = None  # Pillow counts the frames it can seek to: there is no separate header count to fall short of
 
     def __init__(self, path: str, kind: str):
         from PIL import Image
@@ -282,6 +308,7 @@ def _webp_delays_ms(path: str) -> list[int]:
 
 class _FolderSource:
     kind = format = "images"
+    declared = None
 
     def __init__(self, path: str):
         self.path = path
@@ -318,10 +345,8 @@ class _FolderSource:
 
 def _open_source(path):
     path = os.fspath(path)
-    if os.path.isdir(path):
+    if is_folder(path):
         return _FolderSource(path)
-    if not os.path.exists(path):
-        raise _unreadable(path, "no such file or folder")
     try:
         kind = sniff_format(path)
     except OSError as ex:
@@ -375,6 +400,10 @@ class VideoFrames:
     start_time:  seconds on the file's timeline where the first yielded frame is shown (None before it).
     yielded:     how many frames it has yielded so far.
     end_time:    start_time + yielded / fps: the end of the selected range, for cutting the matching audio.
+    frames_read: source frames decoded so far (selected or not; from the file's first frame).
+    frames_declared: the frame count the container's index declares (mp4, mov), None when it stores none.
+    truncated:   decoding reached the end of the data before frames_declared: a cut-off file (an interrupted
+                 download or copy); it is only known once the selection has run to the file's end.
     The same array may be yielded more than once (target_fps above the source rate): do not modify frames in place.
     The file is closed when the iterator is exhausted, on close(), or at the end of a ``with`` block.
     """
@@ -406,8 +435,24 @@ class VideoFrames:
         self._count = None if count is None else int(count)
         self.start_time: float | None = None
         self.yielded = 0
-        self._selected = _select(self._source.frames(), int(start), int(every_nth), rate)
+        self.frames_read, self._ended = 0, False
+        self._selected = _select(self._counted(self._source.frames()), int(start), int(every_nth), rate)
         self._closed = False
+
+    def _counted(self, frames):
+        for frame in frames:
+            self.frames_read = frame.index + 1
+            yield frame
+        self._ended = True  # the data ran out (not stopped by count, nor by an error)
+
+    @property
+    def frames_declared(self) -> int | None:
+        return self._source.declared
+
+    @property
+    def truncated(self) -> bool:
+        declared = self._source.declared
+        return bool(declared and self._ended and self.frames_read < declared)
 
     @property
     def end_time(self) -> float | None:
@@ -542,11 +587,7 @@ def read_audio(path: str | os.PathLike, start: float = 0.0, end: float | None = 
     round((end - start) * rate) samples long: silence fills whatever the track does not cover. Only the range is
     kept in memory."""
     path = os.fspath(path)
-    if os.path.isdir(path):
-        return None
-    if not os.path.exists(path):
-        raise _unreadable(path, "no such file or folder")
-    if sniff_format(path) != "video":
+    if is_folder(path) or sniff_format(path) != "video":
         return None
     import av
 

@@ -150,9 +150,11 @@ def test_target_size_arithmetic():
         target_size(64, 64, "stretch", 0, 64, 64)
 
 
-def test_path_takes_a_folder_or_file_anywhere_and_relative_paths_start_in_the_input_folder(input_dir, tmp_path):
+def test_path_takes_a_folder_or_file_in_listed_folders_and_relative_paths_start_in_the_input_folder(
+        input_dir, tmp_path, monkeypatch):
     folder = tmp_path / "elsewhere" / "frames"
     folder.mkdir(parents=True)
+    monkeypatch.setenv("ADM_VIDEO_FOLDERS", os.pathsep.join(["/no/such/folder", str(tmp_path / "elsewhere")]))
     for i, rgb in enumerate(coded(12)):
         Image.fromarray(rgb).save(folder / f"f{i}.png")  # f10 after f9: natural order
     images, count, rate, audio = load(video="", path=str(folder), start_frame=8)
@@ -174,6 +176,7 @@ def test_validate_inputs_reports_missing_files_and_accepts_new_ones(input_dir):
     assert "nope.mp4" in LoadVideo.VALIDATE_INPUTS(video="nope.mp4", path="")
     assert "upload it" in LoadVideo.VALIDATE_INPUTS(video="nope.mp4", path="")
     assert "/no/such/dir" in LoadVideo.VALIDATE_INPUTS(video="", path="/no/such/dir")
+    assert "Video not found" in LoadVideo.VALIDATE_INPUTS(video="", path="no/such/dir")  # inside input/
     assert "No video chosen" in LoadVideo.VALIDATE_INPUTS(video="", path="")
     write_video(coded(2), input_dir / "late.mp4", "mp4", 8)  # added after the combo list was made
     assert LoadVideo.VALIDATE_INPUTS(video="late.mp4", path="") is True

@@ -1,5 +1,7 @@
 """Prompt Travel against the host: a real (tiny) CLIP, and per-frame conds through the host's samplers and its
 context windows."""
+import logging
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ import comfy.sd
 import comfy.sd1_clip
 
 from adm.model_patcher.context_windows import adopt_stock_handler
-from adm.model_patcher.prompt_schedule import PromptScheduleError
+from adm.model_patcher.prompt_schedule import PromptScheduleError, check_frames
 from adm.nodes.prompt_travel import PromptTravel
 from adm.nodes.sampling_options import SamplingOptions
 from unets import tiny_sd15_patcher
@@ -77,10 +79,37 @@ def test_a_prompt_longer_than_77_tokens_blends_with_a_short_one(clip):
 
 
 def test_errors_name_the_line(clip):
-    with pytest.raises(PromptScheduleError, match="line 2: keyframe 16 is beyond the clip"):
-        travel(clip, '"0": "a",\n"16": "b"', 16)
+    with pytest.raises(PromptScheduleError, match="line 2: frame 0 already has a prompt"):
+        travel(clip, '"0": "a",\n"0": "b"', 16)
     with pytest.raises(PromptScheduleError, match="line 1: no ':'"):
         travel(clip, "a cat", 16)
+
+
+def test_the_shipped_schedule_at_fewer_frames_drops_the_keyframes_past_the_clip(clip, caplog):
+    text = '"0": "a cat",\n"4": "a dog",\n"8": "a bird",\n"12": "a fish"'
+    with caplog.at_level(logging.WARNING):
+        cond, _ = travel(clip, text, 6)
+    cat, dog = encode(clip, "a cat")["cond"][0], encode(clip, "a dog")["cond"][0]
+    assert cond.shape == (6, 77, 32) and "8 (line 3), 12 (line 4)" in caplog.text
+    assert torch.equal(cond[4], dog) and torch.equal(cond[5], dog)  # holds: no blend toward "a bird"
+    torch.testing.assert_close(cond[2], (cat + dog) / 2)
+
+
+def test_one_line_json_and_a_tab_encode_like_the_plain_schedule(clip):
+    plain, _ = travel(clip, '"0": "a cat sitting",\n"2": "a dog"', 3)
+    pasted, _ = travel(clip, '{"0": "a cat\tsitting", "2": "a dog"}', 3)
+    assert torch.equal(pasted, plain)
+
+
+def test_prompts_of_many_lengths_are_padded_to_the_longest_not_their_multiple(clip):
+    prompts = [", ".join(["a very detailed cat"] * n) for n in (1, 20, 40)]  # 1, 2 and 3 chunks: exact
+    cond, _ = travel(clip, "\n".join(f'"{i}": "{p}"' for i, p in enumerate(prompts)), 3)
+    assert cond.shape == (3, 462, 32)
+    prompts = [", ".join(["a very detailed cat"] * n) for n in (74, 104)]  # 5 and 7 chunks: 35 is past 32
+    cond, _ = travel(clip, "\n".join(f'"{i}": "{p}"' for i, p in enumerate(prompts)), 2)
+    five = encode(clip, prompts[0])["cond"][0]
+    assert five.shape[0] == 385 and cond.shape == (2, 539, 32)
+    assert torch.equal(cond[0], torch.cat([five, five[:154]]))
 
 
 # --- per-frame conds in the host's samplers ------------------------------------------------------------------
@@ -138,6 +167,26 @@ def test_a_per_frame_batch_samples_like_each_frame_alone(model):
     both, only_a, only_b = run([[torch.cat([a, b]), {}]]), run([[a, {}]]), run([[b, {}]])
     torch.testing.assert_close(both, torch.cat([only_a[:1], only_b[1:]]), rtol=1e-4, atol=1e-3)  # rounding only
     assert not torch.allclose(only_a[0], only_b[0], atol=1e-3)  # the conds do matter
+
+
+def test_the_sampler_refuses_a_schedule_whose_frames_is_not_the_latent_batch(model, clip):
+    """check_frames, which every model with a motion module carries (an OUTER_SAMPLE wrapper), in the host's
+    sampler: without it the host repeats a 4-frame schedule over 8 latents without a word."""
+    from adm.model_patcher.motion_patcher import KEY, MotionOptions, apply_motion_module
+    from comfy.patcher_extension import WrappersMP
+    from unets import tiny_motion_patcher
+
+    spied, calls = spy(model)  # motion scale 0: the module is on the model but changes nothing
+    checked = apply_motion_module(spied, tiny_motion_patcher(), MotionOptions(scale=0.0, schedule="use existing"))
+    assert check_frames in checked.get_wrappers(WrappersMP.OUTER_SAMPLE, KEY)
+    (positive,) = PromptTravel().encode(clip, '"0": "a cat",\n"3": "a dog"', 4, "linear")
+    with pytest.raises(PromptScheduleError, match=r"frames is 4, but the latent batch has 8 frames.*Set Prompt "
+                                                  r"Travel's frames to 8 \(the latent's batch size\)"):
+        sample(checked, positive, 8, steps=1)
+    assert not calls
+    (positive,) = PromptTravel().encode(clip, '"0": "a cat",\n"3": "a dog"', 8, "linear")
+    sample(checked, positive, 8, steps=1)
+    assert torch.equal(calls[0][1][0], positive[0][0])
 
 
 def windows_and_conds(model, frames=8, steps=2):

@@ -175,8 +175,32 @@ def test_the_command_line_trains_with_a_checkpoint_loaded_in_process(host_folder
     assert headless_main([*args, "--layout", "v3", "--steps", "4", "--resume", "latest"]) == 1
     assert "resume with the same init, layout and LoRA rank" in capsys.readouterr().err
     assert headless_main(["train", "--checkpoint", str(checkpoint), "--data", str(host_folders / "nothing"),
-                          "--comfyui", str(comfy_dir())]) == 1
+                          "--comfyui", str(comfy_dir())]) == 2  # bad usage (tests/unit/test_hostile_cli.py: the rest)
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_progress_bar_of_hosts_without_node_id_is_used(monkeypatch):
+    """Hosts before node_id= (December 2024) have ProgressBar(total) only: the node feature-detects it."""
+    from adm.nodes import training as node
+
+    class OldProgressBar:  # the December 2024 signature
+        def __init__(self, total):
+            self.total, self.updates = total, []
+
+        def update_absolute(self, value, total=None, preview=None):
+            self.updates.append((value, total))
+
+    class ProgressBar(OldProgressBar):  # today's signature
+        def __init__(self, total, node_id=None):
+            super().__init__(total)
+            self.node_id = node_id
+
+    for bar in (OldProgressBar, ProgressBar):
+        monkeypatch.setattr(comfy.utils, "ProgressBar", bar)
+        progress = node._Progress(4, "7")
+        assert progress(1, 4, 0.5, [0.5]) is False
+        assert type(progress.bar) is bar and progress.bar.total == 4 and progress.bar.updates == [(1, 4)]
+    assert progress.bar.node_id == "7"
 
 
 def comfy_dir():

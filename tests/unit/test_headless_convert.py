@@ -12,7 +12,7 @@ if str(ROOT) not in sys.path:
 
 from headless.__main__ import build_parser, main  # noqa: E402
 from headless.client import local_path, output_files  # noqa: E402
-from headless.convert import to_api, ui_to_api, workflow_format  # noqa: E402
+from headless.convert import load_workflow, to_api, ui_to_api, workflow_format  # noqa: E402
 from headless.errors import WorkflowError, render_execution_error, render_prompt_error  # noqa: E402
 from headless.overrides import apply_overrides, parse_override, parse_value  # noqa: E402
 from headless.progress import ConsoleProgress  # noqa: E402
@@ -309,12 +309,29 @@ def test_cli_has_run_and_reports_a_missing_file(tmp_path, capsys):
     args = parser.parse_args(["run", "w.json", "--set", "3.seed=1", "--host-arg=--output-directory=/tmp/x",
                               "--out", str(tmp_path)])
     assert args.overrides == ["3.seed=1"] and args.host_args == ["--output-directory=/tmp/x"]
-    assert main(["run", str(tmp_path / "missing.json")]) == 1
+    # Bad usage exits 2, as the help says (tests/unit/test_hostile_cli.py has the whole table).
+    assert main(["run", str(tmp_path / "missing.json")]) == 2
     assert "not found" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
     bad.write_text('{"1": {"class_type": "X", "inputs": {}}}')
-    assert main(["run", str(bad), "--set", "oops"]) == 1  # override syntax is checked before any server start
+    assert main(["run", str(bad), "--set", "oops"]) == 2  # override syntax is checked before any server start
     assert "NODE.INPUT=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("nodes", [[1], [{"id": 1, "type": "TestSave", "mode": 0, "inputs": 3}]],
+                         ids=["node-not-an-object", "inputs-not-a-list"])
+def test_a_malformed_ui_workflow_is_refused_with_a_message(nodes):
+    with pytest.raises(WorkflowError, match="UI workflow is malformed") as info:
+        ui_to_api({"nodes": nodes, "links": []}, OBJECT_INFO)
+    assert info.value.kind == "input" and info.value.usage
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16"])
+def test_workflow_files_in_the_unicode_encodings_editors_write_are_read(tmp_path, encoding):
+    """A workflow saved by a Windows editor (UTF-8 with BOM) or redirected by PowerShell (UTF-16) is read."""
+    path = tmp_path / "w.json"
+    path.write_text('{"1": {"class_type": "X", "inputs": {"text": "caf\u00e9 \u6f22"}}}', encoding=encoding)
+    assert load_workflow(path)["1"]["inputs"]["text"] == "caf\u00e9 \u6f22"
 
 
 def test_console_progress_without_a_terminal():

@@ -1,4 +1,6 @@
 """Prompt travel's schedule: reading the keyframe text, and blending per-keyframe embeddings into frames."""
+import logging
+
 import pytest
 import torch
 
@@ -48,10 +50,27 @@ def test_malformed_lines_are_named_with_the_expected_format(text, line, why):
     assert '"0": "a cat in a garden"' in str(error.value)  # the expected format, with an example
 
 
-def test_keyframes_beyond_the_clip_are_refused():
-    with pytest.raises(PromptScheduleError, match=r"line 2: keyframe 16 is beyond the clip: frames is 16"):
-        parse_schedule('"0": "a",\n"16": "b"', frames=16)
-    assert pairs('"0": "a",\n"15": "b"', frames=16) == [(0, "a"), (15, "b")]
+def test_keyframes_past_the_clip_are_dropped_with_a_warning_and_the_last_one_inside_holds(caplog):
+    text = '"0": "a",\n"4": "b",\n"16": "c"'
+    with caplog.at_level(logging.WARNING):
+        assert pairs(text, frames=16) == [(0, "a"), (4, "b")]
+    assert "ignored keyframe(s) 16 (line 3) at or past the end of the clip (frames is 16)" in caplog.text
+    # No blending toward the dropped keyframe: frames after the last kept one are exactly its prompt.
+    assert frame_blend([k.frame for k in parse_schedule(text, 16)], 16)[4:] == [(1, 1, 0.0)] * 12
+    caplog.clear()
+    assert pairs('"0": "a",\n"15": "b"', frames=16) == [(0, "a"), (15, "b")] and not caplog.records
+    with pytest.raises(PromptScheduleError, match=r"every keyframe is at or past the end of the clip: frames is 4"):
+        parse_schedule('"4": "a",\n"8": "b"', frames=4)
+
+
+@pytest.mark.parametrize("text", [
+    '{"0": "a cat, sitting", "8": "a dog"}',            # one-line JSON
+    '"0": "a cat, sitting", "8": "a dog",',             # several quoted keyframes on a line
+    '"0": "a cat,\tsitting",\n"8": "a dog"',           # a TAB inside a quoted prompt
+    "0: a cat,\x0c sitting\n8: a dog",                 # a form feed in a bare prompt: not a line break
+])
+def test_pasted_forms(text):
+    assert [(f, " ".join(p.split())) for f, p in pairs(text)] == [(0, "a cat, sitting"), (8, "a dog")]
 
 
 def test_an_empty_schedule_is_refused():
@@ -94,6 +113,19 @@ def test_long_prompts_are_padded_by_repeating_to_a_common_length():
     assert torch.equal(padded[0][:, :77], short) and torch.equal(padded[0][:, 77:], short)
     assert padded[1] is long
     assert [p.shape[1] for p in common_token_length([short, long, torch.randn(1, 231, 8)])] == [462] * 3
+
+
+def test_padding_is_bounded_past_the_limit_it_repeats_to_the_longest(caplog):
+    chunks = [torch.full((1, 77, 1), float(i)) for i in range(7)]
+    five, seven = torch.cat(chunks[:5], 1), torch.cat(chunks, 1)
+    with caplog.at_level(logging.WARNING):
+        padded = common_token_length([five, seven], limit=32 * 77)  # exact would be 35 chunks
+    assert [p.shape[1] for p in padded] == [7 * 77] * 2 and padded[1] is seven
+    assert torch.equal(padded[0], torch.cat([five, chunks[0], chunks[1]], 1))  # repeated from its start
+    assert "padded to 539" in caplog.text and "need 2695 tokens" in caplog.text
+    assert common_token_length([five, seven], limit=35 * 77)[0].shape[1] == 35 * 77  # within it: exact
+    lengths = [p.shape[1] for p in common_token_length([torch.zeros(1, 77 * n, 1) for n in range(1, 13)])]
+    assert lengths == [12 * 77] * 12  # not the 27720 chunks of their least common multiple
 
 
 def test_repeat_padding_does_not_change_cross_attention():

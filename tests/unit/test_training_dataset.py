@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from adm.training.dataset import (ClipSpec, DatasetError, LatentCache, ShardedSampler, VideoDataset, clip_indices,
-                                  fit_frame)
+                                  fit_frame, read_captions_csv)
 from adm.video import write_video
 
 
@@ -181,3 +181,45 @@ def test_latent_cache_is_keyed_by_file_version_crop_and_encoder(folder, tmp_path
     os.utime(path, ns=(clip.video.mtime_ns + 10**9, clip.video.mtime_ns + 10**9))
     edited = VideoDataset(folder, data.spec).load(0, random.Random(0))
     assert cache.get(edited) is None
+
+
+def test_clips_past_the_end_of_a_truncated_video_are_skipped_with_the_reason(tmp_path, caplog):
+    import av
+    full = write_video(numbered_frames(8, 16, 16), tmp_path / "cut.mp4", "mp4", fps=8)
+    with av.open(full) as container:  # cut right after the 3rd video packet: 8 frames declared, 3 decode
+        pos, size = [(p.pos, p.size) for p in container.demux(container.streams.video[0]) if p.size][2]
+    with open(full, "r+b") as f:
+        f.truncate(pos + size)
+    write_video(numbered_frames(8, 16, 16), tmp_path / "ok.webp", "webp", fps=8)
+    spec = ClipSpec(frames=4, stride=2, width=16, height=16, random_start=False, caption_dropout=0.0)
+    data = VideoDataset(tmp_path, spec)
+    cut = [v.name for v in data.videos].index("cut.mp4")
+    assert data.videos[cut].frames == 8  # the header's count; the cut shows only when decoding
+    with caplog.at_level(logging.WARNING):
+        clips = [data.load(cut, random.Random(seed)) for seed in range(3)]  # frames 0, 2, 4, 6: past the 3rd
+    assert all(c.video.name == "ok.webp" for c in clips)  # replaced, never padded with a repeated frame
+    reasons = [reason for name, reason in data.skipped if name == "cut.mp4"]
+    assert len(reasons) == 1 and "truncated: only 3 of the 8 frames its header declares decode" in reasons[0]
+    assert "cut.mp4" in data.report() and "truncated" in caplog.text
+    short = VideoDataset(tmp_path, ClipSpec(frames=2, stride=1, width=16, height=16, random_start=False))
+    assert short.load(cut, random.Random(0)).video.name == "cut.mp4"  # clips inside the readable part still load
+
+
+def test_captions_csv_in_utf16_with_bom_and_utf8_with_or_without_bom_is_read(tmp_path):
+    for encoding in ("utf-16", "utf-16-be", "utf-8-sig", "utf-8"):
+        bom = "\ufeff" if encoding == "utf-16-be" else ""  # "utf-16" writes its own BOM; big-endian needs one
+        (tmp_path / "caps.csv").write_bytes(f"{bom}file,caption\nclip_a.webp,café au lait ☕\n".encode(encoding))
+        assert read_captions_csv(tmp_path / "caps.csv") == {"clip_a.webp": "café au lait ☕"}, encoding
+
+
+@pytest.mark.parametrize("encoding, fragment", [("latin-1", "byte 0xe9"), ("utf-16-le", "NUL bytes"),
+                                                ("utf-16-be", "NUL bytes")])
+def test_captions_csv_in_other_encodings_is_refused_naming_the_file_and_the_fix(tmp_path, encoding, fragment):
+    write_video(numbered_frames(4), tmp_path / "clip_a.webp", "webp", fps=8)
+    (tmp_path / "caps.csv").write_bytes("file,caption\nclip_a.webp,café au lait\n".encode(encoding))
+    for call in (lambda: read_captions_csv(tmp_path / "caps.csv"),
+                 lambda: VideoDataset(tmp_path, ClipSpec(frames=2, width=16, height=16))):
+        with pytest.raises(DatasetError) as refused:
+            call()
+        message = str(refused.value)
+        assert str(tmp_path / "caps.csv") in message and fragment in message and "Save it as UTF-8" in message
