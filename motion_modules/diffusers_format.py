@@ -73,6 +73,8 @@ def _widths(sd: dict, norm_key: str) -> dict[str, dict[int, int]]:
     for key, value in sd.items():
         m = _MODULE.match(key)
         if m and m.group(3) == norm_key:
+            if value.dim() != 1:
+                raise ValueError(f"{key} has shape {list(value.shape)}, not [channels]")
             widths[m.group(1)][int(m.group(2))] = int(value.shape[0])
     return widths
 
@@ -172,6 +174,8 @@ def to_diffusers(sd: dict[str, Tensor], heads: int = 8, max_seq_length: int | No
     if len(depths) != 1:
         raise ValueError(f"motion modules have different numbers of transformer blocks {sorted(depths)}")
 
+    if any(t.dim() != 3 for t in tables.values()):
+        raise ValueError("a positional table is not [1, frames, channels]")
     lengths = {int(t.shape[1]) for t in tables.values()}
     if len(lengths) > 1:
         raise ValueError(f"positional tables of different lengths {sorted(lengths)}")
@@ -227,6 +231,8 @@ def from_diffusers(sd: dict[str, Tensor], max_seq_length: int = 32) -> dict[str,
         out[block + renamed] = value
         q = re.fullmatch(r"attention_blocks\.(\d)\.to_q\.weight", renamed)
         if q:
+            if value.dim() != 2:
+                raise ValueError(f"{key} has shape {list(value.shape)}, not [out, in]")
             attentions[block][int(q.group(1))] = int(value.shape[0])
     for block, widths in attentions.items():
         table = tables.get(block)

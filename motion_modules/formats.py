@@ -51,12 +51,16 @@ LAYOUTS = {
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Tensors of a checkpoint file, unwrapped; pickles load with ``weights_only`` so no code runs."""
+    """Tensors of a checkpoint file, unwrapped; pickles load with ``weights_only`` so no code runs.
+
+    Messages name the file, never its folder: the suffix is checked before the file is looked at, and only
+    the name is echoed, so the reply tells a client nothing about other paths on the server.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise MotionModuleError(f"{path}: no such file.")
     if path.suffix.lower() not in SUFFIXES:
         raise MotionModuleError(f"{path.name}: unknown file type {path.suffix!r}; motion modules are {', '.join(SUFFIXES)} files.")
+    if not path.is_file():
+        raise MotionModuleError(f"{path.name}: no such file.")
     if path.stat().st_size == 0:
         raise MotionModuleError(f"{path.name}: the file is empty (0 bytes). Download it again.")
     try:
@@ -68,13 +72,20 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise MotionModuleError(
             f"{path.name}: refused to load. The pickle holds objects other than tensors, and loading it could run "
-            f"code ({reason}). Use a .safetensors copy of this model, or only load .ckpt files from sources you trust "
-            f"after converting them to .safetensors.") from None
+            f"code ({_without_folder(reason, path)}). Use a .safetensors copy of this model, or only load .ckpt "
+            f"files from sources you trust after converting them to .safetensors.") from None
     except Exception as e:  # truncated zip, bad header, not a checkpoint at all: all read as "damaged file"
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise MotionModuleError(
-            f"{path.name}: cannot be read as a {path.suffix} checkpoint ({type(e).__name__}: {e}). "
-            "The file is probably truncated (an interrupted download) or not a model file; download it again.") from None
+            f"{path.name}: cannot be read as a {path.suffix} checkpoint ({type(e).__name__}: "
+            f"{_without_folder(detail, path)}). The file is probably truncated (an interrupted download) or not a "
+            "model file; download it again.") from None
     return _unwrap(obj, path.name)
+
+
+def _without_folder(text: str, path: Path) -> str:
+    """``text`` with the file's full path cut down to its name (library messages may quote the path)."""
+    return text.replace(str(path.resolve()), path.name).replace(str(path), path.name)
 
 
 def _load_pickle(path: Path):
@@ -86,16 +97,34 @@ def _load_pickle(path: Path):
         return torch.load(path, map_location="cpu", weights_only=True)  # pre-1.6 (non-zip) pickles
 
 
+# Bounds on walking what a pickle built: a file may hold a dict that contains itself (a loop), nests without
+# end, or holds millions of entries. Published files wrap at most twice ({"state_dict": ...}, {"module": ...})
+# and hold about a thousand tensors (a full SD checkpoint, which is named and refused, a few thousand).
+MAX_WRAPPING = 8
+MAX_ENTRIES = 100_000
+
+
 def _unwrap(obj, name: str) -> dict[str, Tensor]:
+    wrappers = set()
     while isinstance(obj, dict):
         if isinstance(obj.get("state_dict"), dict):
-            obj = obj["state_dict"]
+            inner = obj["state_dict"]
         elif len(obj) == 1 and isinstance(next(iter(obj.values())), dict):  # e.g. {"module": {...}}
-            obj = next(iter(obj.values()))
+            inner = next(iter(obj.values()))
         else:
             break
+        wrappers.add(id(obj))
+        if id(inner) in wrappers or len(wrappers) > MAX_WRAPPING:
+            problem = "contains itself" if id(inner) in wrappers else f"is wrapped more than {MAX_WRAPPING} times"
+            raise MotionModuleError(f"{name}: refused to load: its dictionary of weights {problem}, which no "
+                                    "published file does. The file is damaged or was made to stall the loader; "
+                                    "download the model again from its publisher.")
+        obj = inner
     if not isinstance(obj, dict):
         raise MotionModuleError(f"{name}: holds a {type(obj).__name__}, not a dictionary of weights.")
+    if len(obj) > MAX_ENTRIES:
+        raise MotionModuleError(f"{name}: holds {len(obj):,} entries; a motion module has about a thousand. "
+                                "It is not a model file this node can use.")
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}  # drops e.g. animatediff_config
     # AnimateDiff's own train.py saves the DDP-wrapped UNet: every key starts with "module.".
     if tensors and all(k.startswith("module.") for k in tensors):
@@ -153,6 +182,9 @@ def detect(sd: dict[str, Tensor], name: str) -> MotionModuleConfig:
     for key, value in sd.items():
         m = NORM_KEY.match(key)
         if m:
+            if value.dim() != 1 or value.numel() == 0:
+                raise MotionModuleError(f"{name}: tensor '{key}' has shape {list(value.shape)}, but a norm weight is "
+                                        "a list of channel scales; the file is damaged, download it again.")
             kind, index, j = m.group(1) or "mid", int(m.group(2) or 0), int(m.group(3))
             widths[(kind, index)][j] = value.shape[0]
 
@@ -166,7 +198,13 @@ def detect(sd: dict[str, Tensor], name: str) -> MotionModuleConfig:
     base = {4: "SD1.5", 3: "SDXL"}.get(len(down))
     if base is None or len(up) != len(down):
         raise MotionModuleError(f"{name}: {len(down)} down and {len(up)} up blocks match neither SD1.5 (4) nor SDXL (3).")
-    pe = next((v for k, v in sd.items() if k.endswith("pos_encoder.pe")), None)
+    encodings = {k: v for k, v in sd.items() if k.endswith("pos_encoder.pe")}
+    for key, value in encodings.items():  # [1, frames, channels]; no frames would only fail when sampling
+        if value.dim() != 3 or value.shape[0] != 1 or value.shape[1] == 0 or value.shape[2] == 0:
+            raise MotionModuleError(f"{name}: positional encoding '{key}' has shape {list(value.shape)}, not "
+                                    "[1, frames, channels] with at least one frame; the file is damaged, download "
+                                    "it again.")
+    pe = next(iter(encodings.values()), None)
     if "__hotshot__" in sd:
         family = "HotshotXL"
     elif base == "SDXL":
@@ -185,10 +223,20 @@ def detect(sd: dict[str, Tensor], name: str) -> MotionModuleConfig:
         extra={"name": name})
 
 
+def check_finite(tensors: dict[str, Tensor], name: str) -> None:
+    """Refuse NaN/inf weights (they would give an all-NaN clip reported as success): one pass, no copies, so
+    memory-mapped tensors stay mapped."""
+    for key, value in tensors.items():
+        if value.is_floating_point() and not value.is_meta and not bool(torch.isfinite(value).all()):
+            raise MotionModuleError(f"{name}: tensor '{key}' holds NaN/inf values; the file is damaged, download "
+                                    "it again.")
+
+
 def build_module(sd: dict[str, Tensor], config: MotionModuleConfig, ops=nn) -> MotionModule:
     """The module holding the given tensors themselves (no copy): built on the meta device, then assigned."""
     name = config.extra.get("name", "motion module")
     weights = {k: v for k, v in sd.items() if MOTION_KEY.match(k)}
+    check_finite(weights, name)
     with torch.device("meta"):
         module = MotionModule(config, ops)
     try:

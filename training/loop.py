@@ -204,7 +204,7 @@ def make_trainee(unet, init: str | os.PathLike | None = None, style: str = "v3",
     module.eval().requires_grad_(False)
     lora = MotionLoRA(module, lora_rank, lora_scale)
     if lora_init is not None:
-        lora.load_published(read_state_dict(lora_init))
+        lora.load_published(read_state_dict(lora_init), Path(lora_init).name)
     return Trainee(module, lora.train(), name)
 
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..motion_modules import MotionModule
-from ..motion_modules.motion_lora import check_fits, lora_pairs
+from ..motion_modules.motion_lora import check_fits, lora_pairs, target_key
 
 # Projection module (relative to an attention block) -> its name in the published keys.
 TARGETS = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out.0": "to_out"}
@@ -101,18 +101,23 @@ class MotionLoRA(nn.Module):
             sd[f"{prefix}.up.weight"] = (adapter.up.weight.detach().float() * self.scale).cpu()
         return sd
 
-    def load_published(self, sd: dict[str, Tensor]) -> None:
-        """Continue from a saved LoRA of the same rank (the inverse of :meth:`published_state_dict`)."""
-        expected = {f"{p}.{part}.weight" for p in self.prefixes for part in ("down", "up")}
-        missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    def load_published(self, sd: dict[str, Tensor], name: str = "motion LoRA") -> None:
+        """Continue from a saved LoRA of the same rank (the inverse of :meth:`published_state_dict`). The file is
+        checked as the loaders check it (shapes, ranks, NaN/inf) and an ``alpha`` is folded in the same way."""
+        pairs = lora_pairs(sd, name)
+        adapters = {target_key(f"{p}.down.weight"): a for p, a in zip(self.prefixes, self.adapters)}
+        missing, unexpected = sorted(set(adapters) - set(pairs)), sorted(set(pairs) - set(adapters))
         if missing or unexpected:
-            raise ValueError(f"motion LoRA keys do not match this motion module (missing: {missing[:3]}, "
+            raise ValueError(f"{name}: motion LoRA layers do not match this motion module (missing: {missing[:3]}, "
                              f"unexpected: {unexpected[:3]}).")
         with torch.no_grad():
-            for prefix, adapter in zip(self.prefixes, self.adapters):
-                down, up = sd[f"{prefix}.down.weight"], sd[f"{prefix}.up.weight"]
-                if down.shape != adapter.down.weight.shape:
-                    raise ValueError(f"{prefix}: rank {down.shape[0]} in the file, {self.rank} requested.")
+            for key, adapter in adapters.items():
+                up, down = pairs[key]
+                if down.shape[0] != self.rank:
+                    raise ValueError(f"{name}: {key}: rank {down.shape[0]} in the file, {self.rank} requested.")
+                if (up.shape[0], down.shape[1]) != (adapter.up.weight.shape[0], adapter.down.weight.shape[1]):
+                    raise ValueError(f"{name}: {key}: the LoRA makes {[up.shape[0], down.shape[1]]}, the layer is "
+                                     f"{[adapter.up.weight.shape[0], adapter.down.weight.shape[1]]}.")
                 adapter.down.weight.copy_(down)
                 adapter.up.weight.copy_(up.float() / self.scale)
 

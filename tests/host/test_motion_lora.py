@@ -127,3 +127,36 @@ def test_a_file_without_lora_layers_is_refused(tmp_path):
     save_file({"something": torch.zeros(2)}, tmp_path / "x.safetensors")
     with pytest.raises(MotionModuleError, match="x.safetensors: no motion-LoRA layers"):
         add_motion_lora(tiny_motion_patcher(), tmp_path / "x.safetensors", 1.0)
+
+
+@pytest.mark.parametrize("alpha_name", ["{stem}.alpha", "{stem}.down.alpha"])
+def test_alpha_scales_each_pair_by_alpha_over_rank(tmp_path, alpha_name):
+    from adm.motion_modules import read_state_dict
+    from adm.training.lora import merge_motion_lora
+
+    narrow = tiny_motion_config(down=((32, 32),) * 4, mid=(32,), up=((32,) * 3,) * 4)  # small: weights only
+    motion, rank, strength = tiny_motion_patcher(narrow), 4, 0.7
+    base = {k: v.clone() for k, v in motion.model.state_dict().items()}
+    lora = official_lora(base, rank=rank)
+    expected = dict(base)
+    for i, down_key in enumerate([k for k in lora if k.endswith(".down.weight")]):
+        stem, alpha = down_key[: -len(".down.weight")], float(1 + i % 3)  # scales 1/4, 2/4, 3/4 by layer
+        lora[alpha_name.format(stem=stem)] = torch.tensor(alpha)
+        target = stem.replace(".processor.", ".").replace("_lora", "")
+        target += ".0.weight" if target.endswith(".to_out") else ".weight"
+        expected[target] = base[target] + strength * alpha / rank * (lora[f"{stem}.up.weight"] @ lora[down_key])
+    save_file(lora, tmp_path / "alpha.safetensors")
+
+    patched = add_motion_lora(motion, tmp_path / "alpha.safetensors", strength)  # the node: host weight patches
+    patched.patch_model()
+    try:
+        got = {k: v.clone() for k, v in patched.model.state_dict().items()}
+    finally:
+        patched.unpatch_model()
+    merged_copy = copy.deepcopy(motion.model)  # training's merge (e.g. for saving a merged module)
+    merge_motion_lora(merged_copy, read_state_dict(tmp_path / "alpha.safetensors"), strength)
+    for result in (got, merged_copy.state_dict()):
+        assert result.keys() == expected.keys()
+        for key, value in expected.items():
+            torch.testing.assert_close(result[key], value, rtol=1e-5, atol=1e-5, msg=key)
+    assert all(torch.equal(v, base[k]) for k, v in motion.model.state_dict().items())
