@@ -169,7 +169,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------ demo: the main job
 
-DEMO_WORKFLOW = Path(__file__).resolve().parents[1] / "workflows" / "txt2vid_api.json"
+DEMO_WORKFLOW = Path(__file__).resolve().parents[1] / "api_workflows" / "txt2vid_api.json"
 CPU_SIZE = ["Frames.width=64", "Frames.height=64", "Frames.batch_size=8", "KSampler.steps=4"]
 
 
@@ -177,7 +177,7 @@ CPU_SIZE = ["Frames.width=64", "Frames.height=64", "Frames.batch_size=8", "KSamp
 def add_demo_command(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo", help="render the text-to-video workflow with the models this ComfyUI has (or random stand-ins)",
-        description="Run workflows/txt2vid_api.json on the embedded (or --comfyui) ComfyUI. Uses the first "
+        description="Run api_workflows/txt2vid_api.json on the embedded (or --comfyui) ComfyUI. Uses the first "
                     "checkpoint and motion module in its models folders; when there are none, creates clearly "
                     "labelled random-weight files with the real SD1.5 and AnimateDiff v2 layouts, once.")
     parser.add_argument("--out", metavar="DIR", type=Path, default=Path("output"), help="default: %(default)s")
@@ -240,30 +240,31 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
 @command
 def add_ui_command(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "ui", help="write the UI-format twin of an API-format workflow (for workflows/)",
+        "ui", help="write the UI-format twin of an API-format workflow, and its thumbnail (for example_workflows/)",
         description="Convert an API-format workflow into the UI format the editor loads, using the server's "
                     "/object_info for widget order and output types; the result converts back to the same API "
                     "workflow.")
     parser.add_argument("workflow", type=Path, help="API-format workflow JSON")
-    parser.add_argument("--out", metavar="FILE", type=Path, help="default: the input name without _api")
+    parser.add_argument("--out", metavar="FILE", type=Path, help="default: the input name without _api (in "
+                        "example_workflows/ for a file of api_workflows/); the thumbnail goes beside it as .jpg")
     add_server_options(parser)
     parser.set_defaults(func=cmd_ui)
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
     import urllib.request
-    from .to_ui import api_to_ui
+    from .to_ui import ui_twin_path, write_ui_twin
 
     api = load_workflow(args.workflow)
-    out = args.out or args.workflow.with_name(args.workflow.name.replace("_api.json", ".json"))
+    out = args.out or ui_twin_path(args.workflow)
     if out == args.workflow:
         err("error: give --out (the input has no _api suffix to drop)")
         return EXIT_USAGE
     with server_from_args(args) as (url, _server):
         with urllib.request.urlopen(url + "/object_info", timeout=120) as response:
             object_info = json.load(response)
-    out.write_text(json.dumps(api_to_ui(api, object_info), indent=1) + "\n")
-    print(out)
+    for path in write_ui_twin(api, object_info, out):
+        print(path)
     return EXIT_OK
 
 

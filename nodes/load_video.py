@@ -277,4 +277,5 @@ def resize_frame(rgb: np.ndarray, resize: str, shortest_side: int, out_width: in
 
 
 NODE_CLASS_MAPPINGS = {"ADM_LoadVideo": LoadVideo}
-NODE_DISPLAY_NAME_MAPPINGS = {"ADM_LoadVideo": "Load Video (AnimateDiff)"}
+# "Load Video" alone is the name of ComfyUI's own node, which gives a VIDEO object; this one gives IMAGE frames.
+NODE_DISPLAY_NAME_MAPPINGS = {"ADM_LoadVideo": "Load Video as Frames (AnimateDiff)"}

@@ -13,7 +13,8 @@ from adm.video import read_video
 from conftest import ROOT
 
 pytestmark = pytest.mark.e2e
-WORKFLOWS = ROOT / "workflows"
+API, UI = ROOT / "api_workflows", ROOT / "example_workflows"
+PREVIEW_SUBFOLDER = "adm_previews"  # Save Video's animated WebP preview of an MP4 or GIF (a temp output)
 SMALL = ["6.width=64", "6.height=64", "6.batch_size=8", "7.steps=3", "9.format=webp",
          f"1.ckpt_name={CHECKPOINT}", f"2.model_name={MOTION_MODULE}"]
 
@@ -23,10 +24,13 @@ def server(e2e_server):
     return e2e_server
 
 
-def run(server, tmp_path, workflow="txt2vid_api.json", overrides=()):
-    files = run_workflow(server, json.loads((WORKFLOWS / workflow).read_text()), [*SMALL, *overrides],
+def run(server, tmp_path, workflow="txt2vid_api.json", overrides=(), edit=lambda workflow: None):
+    folder = API if workflow.endswith("_api.json") else UI
+    graph = json.loads((folder / workflow).read_text())
+    edit(graph)
+    files = run_workflow(server, graph, [*SMALL, *overrides],
                          out_dir=tmp_path, timeout=600)
-    videos = [f for f in files if f.suffix in (".webp", ".mp4", ".gif")]
+    videos = [f for f in files if f.suffix in (".webp", ".mp4", ".gif") and f.parent.name != PREVIEW_SUBFOLDER]
     assert len(videos) == 1, files
     return read_video(videos[0])
 
@@ -49,6 +53,15 @@ def test_ui_format_workflow_gives_the_same_clip_as_the_api_format(server, tmp_pa
 def test_mp4_output_decodes_with_the_frame_count_and_size(server, tmp_path):
     frames, fps = run(server, tmp_path, overrides=["9.format=mp4"])
     assert frames.shape == (8, 64, 64, 3) and fps == pytest.approx(8)
+    assert len(list((tmp_path / PREVIEW_SUBFOLDER).glob("*.webp"))) == 1  # what the editor shows: a looping WebP
+
+
+def test_an_api_workflow_saved_with_the_old_input_name_quality_still_runs(server, tmp_path):
+    def old_save_video(workflow):
+        workflow["9"]["inputs"]["quality"] = workflow["9"]["inputs"].pop("mp4_crf")
+
+    frames, _ = run(server, tmp_path, overrides=["9.format=mp4"], edit=old_save_video)
+    assert frames.shape == (8, 64, 64, 3)
 
 
 def test_bad_inputs_are_refused_readably_and_the_server_keeps_serving(server, tmp_path):

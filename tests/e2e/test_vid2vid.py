@@ -13,7 +13,7 @@ from adm.video import iter_frames, probe, read_audio, write_video
 from conftest import ROOT
 
 pytestmark = pytest.mark.e2e
-WORKFLOWS = ROOT / "workflows"
+API, UI = ROOT / "api_workflows", ROOT / "example_workflows"
 SOURCE = "vid2vid_input.mp4"  # the file the workflows' Load Video names
 RATE = 44100
 SMALL = [f"1.ckpt_name={CHECKPOINT}", f"2.model_name={MOTION_MODULE}", "7.steps=1", "6.shortest_side=64"]
@@ -42,7 +42,7 @@ def source_clip(folder):
 def test_vid2vid_keeps_the_sources_frame_count_size_rate_and_sound(server, folders, tmp_path):
     source = probe(source_clip(folders[0]))
     assert (source["frames"], source["width"], source["fps"], source["has_audio"]) == (8, 64, 8.0, True)
-    files = run_workflow(server, json.loads((WORKFLOWS / "vid2vid_api.json").read_text()), SMALL,
+    files = run_workflow(server, json.loads((API / "vid2vid_api.json").read_text()), SMALL,
                          out_dir=tmp_path, timeout=600)
     videos = [f for f in files if f.suffix == ".mp4"]
     assert len(videos) == 1, files
@@ -59,6 +59,6 @@ def test_vid2vid_keeps_the_sources_frame_count_size_rate_and_sound(server, folde
 def test_ui_workflow_is_the_same_graph_as_the_api_workflow(server):
     with urllib.request.urlopen(server + "/object_info", timeout=60) as response:
         object_info = json.load(response)
-    ui = json.loads((WORKFLOWS / "vid2vid.json").read_text())
-    api = json.loads((WORKFLOWS / "vid2vid_api.json").read_text())
+    ui = json.loads((UI / "vid2vid.json").read_text())
+    api = json.loads((API / "vid2vid_api.json").read_text())
     assert ui_to_api(ui, object_info) == api

@@ -28,12 +28,14 @@ def input_dir(tmp_path):
 
 @pytest.fixture
 def output_dir(tmp_path):
-    previous = folder_paths.get_output_directory()
+    previous = folder_paths.get_output_directory(), folder_paths.get_temp_directory()
     folder = tmp_path / "output"
     folder.mkdir()
     folder_paths.set_output_directory(str(folder))
+    folder_paths.set_temp_directory(str(tmp_path / "temp"))  # Save Video's previews
     yield folder
-    folder_paths.set_output_directory(previous)
+    folder_paths.set_output_directory(previous[0])
+    folder_paths.set_temp_directory(previous[1])
 
 
 def coded(n, width=64, height=64):
@@ -74,7 +76,7 @@ def clip(input_dir):
 
 def test_registration_and_schema(input_dir):
     assert NODE_CLASS_MAPPINGS == {"ADM_LoadVideo": LoadVideo}
-    assert NODE_DISPLAY_NAME_MAPPINGS == {"ADM_LoadVideo": "Load Video (AnimateDiff)"}
+    assert NODE_DISPLAY_NAME_MAPPINGS == {"ADM_LoadVideo": "Load Video as Frames (AnimateDiff)"}
     assert LoadVideo.CATEGORY == "AnimateDiff Motion/video" and LoadVideo.DESCRIPTION
     assert LoadVideo.RETURN_TYPES == ("IMAGE", "INT", "FLOAT", "AUDIO")
     assert LoadVideo.RETURN_NAMES == ("images", "frame_count", "frame_rate", "audio")
@@ -210,7 +212,7 @@ def test_errors_are_readable(input_dir, clip):
 def test_save_video_takes_the_rate_and_sound_from_load_video(clip, output_dir, fmt):
     images, count, rate, audio = load(start_frame=2, frame_count=6, every_nth=2)  # 6 frames at 4 fps = 1.5 s
     result = SaveVideo().save(images=images, frame_rate=rate, loop_count=0, filename_prefix="vid2vid",
-                              format=fmt, pingpong=False, quality=18, audio=audio)
+                              format=fmt, pingpong=False, mp4_crf=18, audio=audio)
     path = result["result"][0]
     assert sorted(os.listdir(output_dir)) == [os.path.basename(path)]  # atomic write: no temporary files left
     info = probe(path)
@@ -230,12 +232,12 @@ def test_save_video_pads_short_sound_and_accepts_no_or_empty_sound(clip, output_
     images = torch.from_numpy(coded(8)).float() / 255
     short = {"waveform": torch.from_numpy(tone(0.25))[None], "sample_rate": RATE}
     path = SaveVideo().save(images=images, frame_rate=8.0, loop_count=0, filename_prefix="a", format="mp4",
-                            pingpong=False, quality=18, audio=short)["result"][0]
+                            pingpong=False, mp4_crf=18, audio=short)["result"][0]
     waveform, _ = read_audio(path)
     assert waveform.shape == (1, RATE) and np.abs(waveform[0, RATE // 2:]).max() < 0.01
     for audio in (None, {"waveform": torch.zeros(1, 2, 0), "sample_rate": RATE}):
         path = SaveVideo().save(images=images, frame_rate=8.0, loop_count=0, filename_prefix="b", format="mp4",
-                                pingpong=False, quality=18, audio=audio)["result"][0]
+                                pingpong=False, mp4_crf=18, audio=audio)["result"][0]
         assert not probe(path)["has_audio"]
     optional = SaveVideo.INPUT_TYPES()["optional"]
     assert optional["audio"][0] == "AUDIO" and "GIF and WebP" in optional["audio"][1]["tooltip"]

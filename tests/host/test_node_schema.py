@@ -1,6 +1,8 @@
-"""Every node: a prefixed id that collides with nothing in ComfyUI core, a description, a tooltip on every input
-and output, and workflows that only use our nodes or core ones."""
+"""Every node: a prefixed id that collides with nothing in ComfyUI core, a display name that says how it differs
+from core nodes, a description, a tooltip on every input and output, and workflows that only use our nodes or core
+ones."""
 import json
+import re
 
 import pytest
 
@@ -21,6 +23,29 @@ def core_node_ids():
     return ids
 
 
+def core_display_names():
+    """The names the host's nodes show in search and on the canvas: display names from nodes.py and comfy_extras
+    (V3 schemas' display_name, classic NODE_DISPLAY_NAME_MAPPINGS, the hooks nodes' NodeName), and the ids of nodes
+    that have none. Read from the source: importing them all costs ~20 s."""
+    names = set(core_node_ids())
+    for path in [COMFYUI_DIR / "nodes.py", *(COMFYUI_DIR / "comfy_extras").glob("*.py")]:
+        text = path.read_text(errors="ignore")
+        names |= set(re.findall(r'\b(?:display_name|NodeName)\s*=\s*["\']([^"\']+)["\']', text))
+        for block in re.findall(r"NODE_DISPLAY_NAME_MAPPINGS\s*=\s*\{(.*?)\n\}", text, re.S):
+            names |= set(re.findall(r'["\'][^"\']+["\']\s*:\s*["\']([^"\']+)["\']', block))
+    return names
+
+
+def test_display_names_say_how_our_nodes_differ_from_the_hosts():
+    """Without the "(AnimateDiff)" badge, no name of ours is the name of a host node ("Save Video" and "Load
+    Video" were: in search and on the canvas only a small badge told them apart)."""
+    core = {name.casefold() for name in core_display_names()}
+    assert {"save video", "load video", "load checkpoint"} <= core  # the scan finds what it must
+    for node_id, name in NODE_DISPLAY_NAME_MAPPINGS.items():
+        bare = re.sub(r"\s*\(AnimateDiff[^)]*\)$", "", name)
+        assert bare != name and bare.casefold() not in core, f"{node_id}: {name!r}"
+
+
 @pytest.mark.parametrize("node_id", sorted(NODE_CLASS_MAPPINGS))
 def test_node_is_prefixed_documented_and_explains_every_input_and_output(node_id):
     node = NODE_CLASS_MAPPINGS[node_id]
@@ -34,7 +59,10 @@ def test_node_is_prefixed_documented_and_explains_every_input_and_output(node_id
     assert len(getattr(node, "OUTPUT_TOOLTIPS", ())) == len(node.RETURN_TYPES), f"{node_id} outputs lack tooltips"
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "workflows").glob("*.json")), ids=lambda p: p.name)
+WORKFLOWS = sorted([*(ROOT / "api_workflows").glob("*.json"), *(ROOT / "example_workflows").glob("*.json")])
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_workflows_use_only_our_nodes_and_core_ones(path):
     workflow = json.loads(path.read_text())
     types = [n["type"] for n in workflow["nodes"]] if "nodes" in workflow else [n["class_type"] for n in workflow.values()]
@@ -42,6 +70,8 @@ def test_workflows_use_only_our_nodes_and_core_ones(path):
     assert [t for t in types if t not in NODE_CLASS_MAPPINGS and t not in core] == []
 
 
-def test_every_api_workflow_has_its_ui_twin():
-    for api in (ROOT / "workflows").glob("*_api.json"):
-        assert (api.parent / api.name.replace("_api.json", ".json")).exists(), api.name
+def test_every_api_workflow_has_its_ui_twin_and_thumbnail():
+    apis = sorted(p.name.replace("_api.json", "") for p in (ROOT / "api_workflows").glob("*.json"))
+    uis = sorted(p.stem for p in (ROOT / "example_workflows").glob("*.json"))
+    thumbnails = sorted(p.stem for p in (ROOT / "example_workflows").glob("*.jpg"))
+    assert apis == uis == thumbnails and len(apis) == 6

@@ -16,10 +16,12 @@ EXTRA_PNGINFO = {"workflow": {"nodes": [{"id": 3, "type": "KSampler"}], "links":
 
 @pytest.fixture
 def output_dir(tmp_path):
-    previous = folder_paths.get_output_directory()
-    folder_paths.set_output_directory(str(tmp_path))
-    yield tmp_path
-    folder_paths.set_output_directory(previous)
+    previous = folder_paths.get_output_directory(), folder_paths.get_temp_directory()
+    folder_paths.set_output_directory(str(tmp_path / "output"))
+    folder_paths.set_temp_directory(str(tmp_path / "temp"))
+    yield tmp_path / "output"
+    folder_paths.set_output_directory(previous[0])
+    folder_paths.set_temp_directory(previous[1])
 
 
 def images(n=8, h=48, w=64):
@@ -36,22 +38,22 @@ def images(n=8, h=48, w=64):
 
 def save(**overrides):
     kwargs = dict(images=images(), frame_rate=8.0, loop_count=0, filename_prefix="AnimateDiff", format="mp4",
-                  pingpong=False, quality=18, prompt=PROMPT, extra_pnginfo=EXTRA_PNGINFO)
+                  pingpong=False, mp4_crf=18, prompt=PROMPT, extra_pnginfo=EXTRA_PNGINFO)
     kwargs.update(overrides)
     return SaveVideo().save(**kwargs)
 
 
 def test_registration_and_schema():
     assert NODE_CLASS_MAPPINGS == {"ADM_SaveVideo": SaveVideo}
-    assert NODE_DISPLAY_NAME_MAPPINGS == {"ADM_SaveVideo": "Save Video (AnimateDiff)"}
+    assert NODE_DISPLAY_NAME_MAPPINGS == {"ADM_SaveVideo": "Save MP4/GIF/WebP (AnimateDiff)"}
     assert SaveVideo.OUTPUT_NODE is True
     assert SaveVideo.CATEGORY == "AnimateDiff Motion/video"
     assert SaveVideo.RETURN_TYPES == ("STRING",) and SaveVideo.DESCRIPTION
     assert callable(getattr(SaveVideo, SaveVideo.FUNCTION))
     spec = SaveVideo.INPUT_TYPES()
     required = spec["required"]
-    assert list(required) == ["images", "frame_rate", "loop_count", "filename_prefix", "format", "pingpong",
-                              "quality"]
+    assert list(required) == ["images", "frame_rate", "loop_count", "filename_prefix", "format", "pingpong"]
+    assert list(spec["optional"]) == ["mp4_crf", "audio"]  # mp4_crf stays the sixth widget, where "quality" was
     for name, (kind, options) in required.items():
         assert options.get("tooltip"), name
     assert required["images"][0] == "IMAGE"
@@ -60,20 +62,21 @@ def test_registration_and_schema():
     assert required["filename_prefix"][1]["default"] == "AnimateDiff"
     assert required["format"][0] == ["mp4", "gif", "webp"] and required["format"][1]["default"] == "mp4"
     assert required["pingpong"][1]["default"] is False
-    assert required["quality"][0] == "INT"
-    assert spec["hidden"] == {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}
+    crf = spec["optional"]["mp4_crf"]
+    assert crf[0] == "INT" and (crf[1]["min"], crf[1]["default"], crf[1]["max"]) == (0, 18, 51)
+    assert "lower = better" in crf[1]["tooltip"] and "MP4 only" in crf[1]["tooltip"]
+    assert spec["hidden"] == {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO", "unique_id": "UNIQUE_ID"}
 
 
 @pytest.mark.parametrize("fmt", ["mp4", "gif", "webp"])
 def test_saves_in_the_output_folder_with_an_incrementing_counter(output_dir, fmt):
     first = save(format=fmt)
     second = save(format=fmt)
-    names = [r["ui"]["images"][0]["filename"] for r in (first, second)]
-    assert names == [f"AnimateDiff_00001_.{fmt}", f"AnimateDiff_00002_.{fmt}"]
+    names = [f"AnimateDiff_00001_.{fmt}", f"AnimateDiff_00002_.{fmt}"]
     assert sorted(os.listdir(output_dir)) == names  # no temporary files left
     for result, name in zip((first, second), names):
-        assert result["ui"] == {"images": [{"filename": name, "subfolder": "", "type": "output"}],
-                                "animated": (True,)}
+        saved = {"filename": name, "subfolder": "", "type": "output"}
+        assert saved in result["ui"].get("video", result["ui"]["images"])
         assert result["result"] == (os.path.join(str(output_dir), name),)
     frames, fps = read_video(first["result"][0])
     assert frames.shape == (8, 48, 64, 3)
@@ -82,7 +85,7 @@ def test_saves_in_the_output_folder_with_an_incrementing_counter(output_dir, fmt
 
 def test_subfolder_in_prefix(output_dir):
     result = save(filename_prefix="clips/run1/cat", format="gif")
-    entry = result["ui"]["images"][0]
+    entry = result["ui"]["video"][0]
     assert entry == {"filename": "cat_00001_.gif", "subfolder": os.path.join("clips", "run1"), "type": "output"}
     assert os.path.isfile(output_dir / "clips" / "run1" / "cat_00001_.gif")
 
@@ -123,10 +126,41 @@ def test_pingpong_loop_and_pixels(output_dir):
     assert probe(path)["loop"] == 2
 
 
-def test_quality_is_the_mp4_crf(output_dir):
-    good = save(quality=10)["result"][0]
-    small = save(quality=40)["result"][0]
+def test_mp4_crf_lower_is_better_and_bigger(output_dir):
+    good = save(mp4_crf=10)["result"][0]
+    small = save(mp4_crf=40)["result"][0]
     assert os.path.getsize(small) < os.path.getsize(good)
+
+
+def test_api_workflows_with_the_old_input_name_quality_keep_their_value(output_dir):
+    """The host passes a node only its declared inputs, so a prompt saved with "quality" reaches save() without
+    mp4_crf; the value is taken from the node's entry in the (hidden) prompt."""
+    old = {"9": {"class_type": "ADM_SaveVideo", "inputs": {"quality": 40}}}
+    size = {crf: os.path.getsize(save(mp4_crf=crf, prompt=old)["result"][0]) for crf in (18, 40)}
+    legacy = os.path.getsize(save(mp4_crf=None, prompt=old, unique_id="9")["result"][0])
+    assert abs(legacy - size[40]) < (size[18] - size[40]) / 10
+    without = os.path.getsize(save(mp4_crf=None, prompt=old, unique_id="3")["result"][0])  # not this node's entry
+    assert abs(without - size[18]) < (size[18] - size[40]) / 10
+
+
+@pytest.mark.parametrize("fmt", ["mp4", "gif", "webp"])
+def test_the_node_preview_is_an_animated_looping_webp(output_dir, fmt):
+    """The editor plays an "animated" WebP in an <img> (autoplay, silent, looping) but puts MP4 (and GIF) into a
+    paused <video> element, so the node shows a WebP: the saved one, or a copy in the temp folder."""
+    from adm.video import probe
+
+    result = save(format=fmt, pingpong=True)
+    ui = result["ui"]
+    assert ui["animated"] == (True,)
+    (preview,) = ui["images"]
+    assert preview["filename"].endswith(".webp")
+    root = output_dir if fmt == "webp" else folder_paths.get_temp_directory()
+    assert preview["type"] == ("output" if fmt == "webp" else "temp")
+    path = os.path.join(root, preview["subfolder"], preview["filename"])
+    info = probe(path)
+    assert info["loop"] == 0 and info["frames"] == 14 and info["fps"] == pytest.approx(8, rel=1e-2)
+    if fmt != "webp":
+        assert ui["video"] == [{"filename": f"AnimateDiff_00001_.{fmt}", "subfolder": "", "type": "output"}]
 
 
 def test_empty_batch_is_a_clear_error_and_saves_nothing(output_dir):

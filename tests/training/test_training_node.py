@@ -209,7 +209,7 @@ def comfy_dir():
 
 
 def test_the_shipped_workflows_match_the_nodes_and_each_other():
-    """workflows/train_motion_module.json (UI) converts to train_motion_module_api.json, and every input the API
+    """example_workflows/train_motion_module.json (UI) converts to api_workflows/train_motion_module_api.json, and every input the API
     file sets is one the nodes declare."""
     import json
 
@@ -223,8 +223,8 @@ def test_the_shipped_workflows_match_the_nodes_and_each_other():
     def info(cls):
         spec = {k: v for k, v in cls.INPUT_TYPES().items() if k in ("required", "optional")}
         return {"input": spec, "input_order": {k: list(v) for k, v in spec.items()}, "output": list(cls.RETURN_TYPES)}
-    api = json.loads((ROOT / "workflows" / "train_motion_module_api.json").read_text())
-    ui = json.loads((ROOT / "workflows" / "train_motion_module.json").read_text())
+    api = json.loads((ROOT / "api_workflows" / "train_motion_module_api.json").read_text())
+    ui = json.loads((ROOT / "example_workflows" / "train_motion_module.json").read_text())
     converted = ui_to_api(ui, {k: info(v) for k, v in classes.items()})
     assert {k: (v["class_type"], v["inputs"]) for k, v in converted.items()} == \
            {k: (v["class_type"], v["inputs"]) for k, v in api.items()}

@@ -36,7 +36,7 @@ class Ok(NamedTuple):
 
 
 CAT_DOG = [(0, "a cat"), (8, "a dog")]
-SEASONS = '"0": "spring",\n"16": "summer",\n"32": "autumn",\n"48": "winter"'  # workflows/prompt_travel.json's
+SEASONS = '"0": "spring",\n"16": "summer",\n"32": "autumn",\n"48": "winter"'  # example_workflows/prompt_travel.json's
 
 HOSTILE = [
     # --- forms people paste -------------------------------------------------------------------------------------
