@@ -98,10 +98,11 @@ def _write_preview(frames, name, frame_rate, pingpong):
 def _legacy_crf(prompt, unique_id):
     """mp4_crf for a prompt that does not set it: the value of the input's old name, "quality", in this node's
     entry of the prompt (the host passes only declared inputs to the node, but the whole prompt as a hidden one);
-    else the default."""
+    else the default (also for a value the old input's range would have refused)."""
     inputs = ((prompt or {}).get(str(unique_id)) or {}).get("inputs") or {}
     value = inputs.get("quality", DEFAULT_MP4_CRF)
-    return value if isinstance(value, int) and not isinstance(value, bool) else DEFAULT_MP4_CRF
+    valid = isinstance(value, int) and not isinstance(value, bool) and MP4_CRF_RANGE[0] <= value <= MP4_CRF_RANGE[1]
+    return value if valid else DEFAULT_MP4_CRF
 
 
 def _audio(audio):

@@ -141,6 +141,9 @@ def test_api_workflows_with_the_old_input_name_quality_keep_their_value(output_d
     assert abs(legacy - size[40]) < (size[18] - size[40]) / 10
     without = os.path.getsize(save(mp4_crf=None, prompt=old, unique_id="3")["result"][0])  # not this node's entry
     assert abs(without - size[18]) < (size[18] - size[40]) / 10
+    hostile = {"9": {"class_type": "ADM_SaveVideo", "inputs": {"quality": 999}}}  # outside the old input's range
+    out_of_range = os.path.getsize(save(mp4_crf=None, prompt=hostile, unique_id="9")["result"][0])
+    assert abs(out_of_range - size[18]) < (size[18] - size[40]) / 10
 
 
 @pytest.mark.parametrize("fmt", ["mp4", "gif", "webp"])
