@@ -1,6 +1,5 @@
 """Text-to-video through the real ComfyUI server: the shipped workflow, posted over HTTP, decoded from disk."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -9,7 +9,6 @@ from comfy.patcher_extension import WrappersMP
 from adm.model_patcher import free_init
 from adm.model_patcher.free_noise import KEY, add_free_noise, remove_free_noise, reschedule_noise
 from adm.model_patcher.motion_patcher import apply_motion_module
-from comfy.patcher_extension import WrappersMP
 
 from adm.model_patcher.context_windows import adopt_stock_handler
 from adm.nodes.sampling_options import SamplingOptions

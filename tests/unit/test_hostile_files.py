@@ -6,7 +6,6 @@ import ctypes
 import pickle
 import re
 import threading
-from pathlib import Path
 
 import pytest
 import torch
