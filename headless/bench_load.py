@@ -1,7 +1,9 @@
-"""Load time and peak memory of reading a full-size motion-module file (issue 3: at most one copy of the
-weights besides the module). Each measurement runs in a fresh process so peaks do not mix."""
+"""Load time and memory of a full-size motion module read from a file (issue 3: at most one copy of the
+weights; issue 16: on the CPU its resident cost is its weights' size). Each file is measured in a fresh process
+so figures do not mix: ``.venv/bin/python -m headless.bench_load``."""
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
@@ -12,29 +14,43 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .extension import import_extension_module
+from .extension import ROOT, import_extension_module
 
 
-def _rss_mib() -> float:
-    """Peak resident memory of this process (VmHWM: unlike ru_maxrss, not inherited from the parent)."""
+def _status_mib(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (VmHWM, the peak, is not inherited from the
+    parent, unlike ru_maxrss), in MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
 
 
 def measure(path: str) -> dict:
-    """In this process: read the file into a MotionModule; peak RSS before/after and the time it took."""
-    formats = import_extension_module("motion_modules.formats")
-    baseline = _rss_mib()
+    """In this process, the path a workflow takes: Load Motion Module (``load_motion_patcher``), then the host
+    loading it for sampling (``load_models_gpu``, on the CPU), then every weight read as sampling reads them.
+    The module's resident cost is the resident set above its level before, against the weights' size."""
+    sys.path.insert(0, str(ROOT / ".host" / "ComfyUI"))
+    from comfy.cli_args import args
+    args.cpu = True
+    import comfy.model_management
+    patcher = import_extension_module("model_patcher.motion_patcher")
+    gc.collect()
+    before = {field: _status_mib(field) for field in ("VmRSS", "RssAnon", "RssFile")}
     start = time.perf_counter()
-    module = formats.load_motion_module(path)
+    motion = patcher.load_motion_patcher(path)
     seconds = time.perf_counter() - start
-    after_load = _rss_mib() - baseline
-    # Files are memory-mapped: pages become resident when used. Touch every weight, as sampling would.
-    weights = sum(t.numel() * t.element_size() for t in module.state_dict().values() if t.sum() is not None) / 2**20
-    return {"file": Path(path).name, "seconds": round(seconds, 2), "weights_mib": round(weights),
-            "peak_rss_after_load_mib": round(after_load), "peak_rss_after_use_mib": round(_rss_mib() - baseline)}
+    comfy.model_management.load_models_gpu([motion])
+    tensors = motion.model.state_dict()
+    for tensor in tensors.values():  # memory-mapped pages become resident when read
+        tensor.sum()
+    gc.collect()
+    grown = {field: _status_mib(field) - before[field] for field in before}
+    weights = sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
+    return {"file": Path(path).name, "seconds": round(seconds, 2), "dtype": str(next(iter(tensors.values())).dtype),
+            "weights_mib": round(weights), "resident_mib": round(grown["VmRSS"]),
+            "resident_over_weights": round(grown["VmRSS"] / weights, 3), "of_which_file_backed_mib": round(grown["RssFile"]),
+            "peak_mib": round(_status_mib("VmHWM") - before["VmRSS"]), "torch_threads": torch.get_num_threads()}
 
 
 def make_files(folder: Path) -> list[Path]:
@@ -54,7 +70,7 @@ def main() -> int:
         for path in files:
             out = subprocess.run([sys.executable, "-c", "import json, sys; from headless.bench_load import measure; "
                                   "print(json.dumps(measure(sys.argv[1])))", str(path)],
-                                 capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+                                 capture_output=True, text=True, check=True, cwd=ROOT)
             print(json.dumps({**json.loads(out.stdout.strip().splitlines()[-1]),
                               "file_mib": round(path.stat().st_size / 2**20)}))
     return 0

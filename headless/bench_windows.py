@@ -11,6 +11,9 @@ window, over the hand-overs between windows, and for the worst hand-over (see ``
 is txt2vid from pure noise instead.
 
     .venv/bin/python -m headless.bench_windows [--frames 16 32 64 128] [--size 64] [--steps 2] [--clip smooth]
+
+``--windows-per-batch 1 5`` runs each clip length once per value (each in a fresh process): the windows of a
+step evaluated one by one, or up to N of them in one UNet call (the Context Windows node's windows_per_batch).
 """
 from __future__ import annotations
 
@@ -69,8 +72,11 @@ def seam_report(out: torch.Tensor, windows: list[list[int]]) -> dict:
             "hand_overs": len(hand_overs)}
 
 
-def measure(frames: int, size: int, steps: int, window: int, overlap: int, clip: str, fuse: str) -> dict:
+def measure(frames: int, size: int, steps: int, window: int, overlap: int, clip: str, fuse: str,
+            per_batch: int = 1, threads: int | None = None) -> dict:
     import torch
+    if threads:
+        torch.set_num_threads(threads)
     sys.path.insert(0, str(ROOT / ".host" / "ComfyUI"))
     from comfy.cli_args import args
     args.cpu = not torch.cuda.is_available()
@@ -85,7 +91,7 @@ def measure(frames: int, size: int, steps: int, window: int, overlap: int, clip:
     paths = ensure_random_models(ROOT / ".host" / "test-models")
     model = comfy.sd.load_checkpoint_guess_config(str(paths["checkpoint"]), output_vae=False, output_clip=False)[0]
     animated = patcher.apply_motion_module(model, patcher.load_motion_patcher(paths["motion_module"]))
-    handler = windows.make_handler(window, overlap, "standard_static", fuse)
+    handler = windows.make_handler(window, overlap, "standard_static", fuse, windows_per_batch=per_batch)
     animated = windows.apply_context_windows(animated, handler)
     g = torch.Generator().manual_seed(0)
     cond = [[torch.randn(1, 77, 768, generator=g), {}]]
@@ -100,7 +106,8 @@ def measure(frames: int, size: int, steps: int, window: int, overlap: int, clip:
                               denoise=denoise, seed=0, disable_pbar=True)
     seconds = time.perf_counter() - start
     schedule = [list(w) for w in handler.context_schedule.func(frames, handler, {})]
-    return {"frames": frames, "windows": len(schedule), "seconds": round(seconds, 1),
+    return {"frames": frames, "windows": len(schedule), "windows_per_batch": per_batch,
+            "threads": torch.get_num_threads(), "seconds": round(seconds, 1),
             "peak_rss_sampling_mib": round(peak_rss_mib()), "peak_rss_loading_mib": round(loaded),
             "latents_mib": round(noise.numel() * 4 * 6 / 2**20, 1),  # x, noise, output, sampler buffers
             "clip": clip, "fuse": fuse, **seam_report(out, schedule)}
@@ -116,21 +123,26 @@ def main(argv=None) -> int:
     parser.add_argument("--clip", choices=["smooth", "noise"], default="smooth",
                         help="smooth: vid2vid (denoise 0.5) of a drifting pattern; noise: txt2vid")
     parser.add_argument("--fuse", default="pyramid", help="the windows' fuse method")
+    parser.add_argument("--windows-per-batch", type=int, nargs="+", default=[1],
+                        help="windows per UNet call; each value is a run of its own (default: 1)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(measure(args.frames[0], args.size, args.steps, args.window, args.overlap, args.clip,
-                                 args.fuse)))
+                                 args.fuse, args.windows_per_batch[0], args.threads)))
         return 0
     for frames in args.frames:
-        argv = [sys.executable, "-m", "headless.bench_windows", "--one", "--frames", str(frames),
-                "--size", str(args.size), "--steps", str(args.steps), "--window", str(args.window),
-                "--overlap", str(args.overlap), "--clip", args.clip, "--fuse", args.fuse]
-        out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
-        if out.returncode:
-            print(out.stderr[-3000:], file=sys.stderr)
-            return out.returncode
-        print(out.stdout.strip().splitlines()[-1], flush=True)
+        for per_batch in args.windows_per_batch:
+            argv = [sys.executable, "-m", "headless.bench_windows", "--one", "--frames", str(frames),
+                    "--size", str(args.size), "--steps", str(args.steps), "--window", str(args.window),
+                    "--overlap", str(args.overlap), "--clip", args.clip, "--fuse", args.fuse,
+                    "--windows-per-batch", str(per_batch), *(["--threads", str(args.threads)] if args.threads else [])]
+            out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+            if out.returncode:
+                print(out.stderr[-3000:], file=sys.stderr)
+                return out.returncode
+            print(out.stdout.strip().splitlines()[-1], flush=True)
     return 0
 
 

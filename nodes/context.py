@@ -36,13 +36,18 @@ class ContextWindows:
             "context_stride": ("INT", {"default": 1, "min": 1, "max": 8, "tooltip":
                                "Uniform schedules only: also use windows of every 2nd, 4th... frame, for "
                                "consistency over the whole clip (more windows)."}),
+            "windows_per_batch": ("INT", {"default": 1, "min": 1, "max": context_windows.MAX_WINDOWS_PER_BATCH,
+                                  "tooltip": "Windows evaluated together in one model call (same result). More "
+                                  "uses memory for that many windows at once and can be faster on a GPU with "
+                                  "memory to spare; 1 = one window at a time."}),
         }}
 
-    def apply(self, model, context_length, context_overlap, schedule, fuse_method, closed_loop, context_stride=1):
+    def apply(self, model, context_length, context_overlap, schedule, fuse_method, closed_loop, context_stride=1,
+              windows_per_batch=1):
         if closed_loop:
             schedule = "looped_uniform"
         handler = context_windows.make_handler(context_length, context_overlap, schedule, fuse_method,
-                                               context_stride, closed_loop)
+                                               context_stride, closed_loop, windows_per_batch)
         return (context_windows.apply_context_windows(model, handler),)
 
 
