@@ -26,6 +26,7 @@ SQRT_LINEAR = "sqrt_linear (AnimateDiff)"
 LINEAR_SDXL = "linear (AnimateDiff-SDXL)"
 LINEAR = "linear (HotshotXL/default)"
 LCM = "lcm (AnimateLCM)"
+LCM_I2V = "lcm (AnimateLCM-I2V)"
 
 SETTINGS = {
     SQRT_LINEAR: {"beta_schedule": "sqrt_linear", "linear_start": 0.00085, "linear_end": 0.012},
@@ -34,10 +35,14 @@ SETTINGS = {
     # AnimateLCM's configs name diffusers-"linear" with 100 original steps; the community default (less
     # flicker) is scaled-linear, 50 original steps, with the LCM denoiser. We follow the community default.
     LCM: {"beta_schedule": "linear", "linear_start": 0.00085, "linear_end": 0.012},
+    # AnimateLCM-I2V's inference-i2v.yaml: diffusers-"linear" (our sqrt_linear) to 0.014, 200 original steps.
+    LCM_I2V: {"beta_schedule": "sqrt_linear", "linear_start": 0.00085, "linear_end": 0.014},
 }
+LCM_ORIGINAL_STEPS = {LCM_I2V: 200}  # the others keep the host's LCM default (50)
 FAMILY_DEFAULT = {
     "AnimateDiff v1": SQRT_LINEAR, "AnimateDiff v2": SQRT_LINEAR, "AnimateDiff v3": SQRT_LINEAR,
     "AnimateLCM": LCM, "AnimateDiff SDXL beta": LINEAR_SDXL, "HotshotXL": LINEAR,
+    "PIA": SQRT_LINEAR, "AnimateLCM-I2V": LCM_I2V,
 }
 CHOICES = [AUTOSELECT, USE_EXISTING, *SETTINGS]
 SCHEDULE_BUFFERS = ("sigmas", "log_sigmas")
@@ -66,12 +71,14 @@ def model_sampling(name: str, current) -> object | None:
     if name == USE_EXISTING or not isinstance(current, comfy.model_sampling.EPS):
         return None
     config = SimpleNamespace(sampling_settings=SETTINGS[name])
-    if name == LCM:
+    attributes = {}
+    if name in (LCM, LCM_I2V):
         from comfy_extras.nodes_model_advanced import LCM as LCMDenoiser, ModelSamplingDiscreteDistilled
         bases = (ModelSamplingDiscreteDistilled, LCMDenoiser)
+        attributes = {"original_timesteps": LCM_ORIGINAL_STEPS[name]} if name in LCM_ORIGINAL_STEPS else {}
     else:
         bases = (comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.EPS)
-    sampling = type("AnimateDiffModelSampling", (OwnSchedule, *bases), {})(config)
+    sampling = type("AnimateDiffModelSampling", (OwnSchedule, *bases), attributes)(config)
     sampling.own_schedule = {name: getattr(sampling, name).clone() for name in SCHEDULE_BUFFERS}
     sampling.animatediff_motion = True  # ours: a later apply may replace it
     return sampling

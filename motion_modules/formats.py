@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .diffusers_format import from_diffusers, is_diffusers_layout
-from .motion_module import MotionModule, MotionModuleConfig
+from .motion_module import ANIMATELCM_I2V, PIA, PIA_INPUT_CHANNELS, MotionModule, MotionModuleConfig
 from .temporal_transformer import PositionalEncoding, sinusoidal_encoding
 
 
@@ -47,6 +47,11 @@ LAYOUTS = {
     "AnimateDiff SDXL beta": MotionModuleConfig("AnimateDiff SDXL beta", "SDXL", mid=(), max_frames=32,
                                                 norm_across_frames=True, **SDXL),
     "HotshotXL": MotionModuleConfig("HotshotXL", "SDXL", mid=(), max_frames=24, **SDXL),
+    # Image to video: PIA was trained from v2 with a 32-frame table; whether pia.ckpt has a mid block is not
+    # published, so detect() takes either. AnimateLCM-I2V is AnimateLCM (no table in the file) + img_encoder.
+    PIA: MotionModuleConfig(PIA, "SD1.5", mid=(), max_frames=32, **SD15),
+    ANIMATELCM_I2V: MotionModuleConfig(ANIMATELCM_I2V, "SD1.5", mid=(1280,), max_frames=ANIMATELCM_MAX_FRAMES,
+                                       pe_in_file=False, **SD15),
 }
 
 
@@ -153,12 +158,8 @@ def _not_a_motion_module(sd: dict[str, Tensor]) -> str | None:
     if has(lambda k: k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner."))):
         return "a Stable Diffusion checkpoint. Put it in models/checkpoints and load it with Load Checkpoint"
     if has(lambda k: k.startswith(("controlnet_cond_embedding", "controlnet_down_blocks"))):
-        return ("a SparseCtrl model (a ControlNet for AnimateDiff v3). Put it in models/controlnet and load it with a "
-                "ControlNet loader that supports SparseCtrl")
-    if has(lambda k: "img_encoder." in k):
-        return "an AnimateLCM-I2V model (image-to-video), which this version does not support yet"
-    if "conv_in.weight" in sd:
-        return "a PIA model (image-to-video with a 9-channel input), which this version does not support yet"
+        return ("a SparseCtrl model (a ControlNet for AnimateDiff v3). Put it in models/controlnet and load it with "
+                "Load SparseCtrl (AnimateDiff), then give it keyframe images with Apply SparseCtrl (AnimateDiff)")
     if has(lambda k: "qkv_merge" in k):
         return "a CameraCtrl motion module, which this version does not support yet"
     lora = has(lambda k: "_lora." in k or ".lora_" in k or k.startswith(("lora_unet_", "lora_te")) or ".lora_A." in k)
@@ -205,7 +206,10 @@ def detect(sd: dict[str, Tensor], name: str) -> MotionModuleConfig:
                                     "[1, frames, channels] with at least one frame; the file is damaged, download "
                                     "it again.")
     pe = next(iter(encodings.values()), None)
-    if "__hotshot__" in sd:
+    image_family = _image_to_video_family(sd, name, base, down)
+    if image_family:
+        family = image_family
+    elif "__hotshot__" in sd:
         family = "HotshotXL"
     elif base == "SDXL":
         family = "AnimateDiff SDXL beta"
@@ -223,19 +227,48 @@ def detect(sd: dict[str, Tensor], name: str) -> MotionModuleConfig:
         extra={"name": name})
 
 
+def _image_to_video_family(sd: dict[str, Tensor], name: str, base: str, down) -> str | None:
+    """PIA (a top-level conv_in) or AnimateLCM-I2V (img_encoder.*), checked against the base and the first block's
+    width; None for the other families."""
+    family = PIA if "conv_in.weight" in sd else ANIMATELCM_I2V if any(k.startswith("img_encoder.") for k in sd) else None
+    if family is None:
+        return None
+    if base != "SD1.5":
+        raise MotionModuleError(f"{name}: a {family} file with {base}-shaped motion modules; {family} exists only for "
+                                "SD1.5, so the file is damaged or not what its keys say.")
+    if family == PIA:
+        width = down[0][0]
+        weight, bias = sd["conv_in.weight"], sd.get("conv_in.bias")
+        if list(weight.shape) != [width, PIA_INPUT_CHANNELS, 3, 3] or bias is None or list(bias.shape) != [width]:
+            raise MotionModuleError(
+                f"{name}: conv_in.weight has shape {list(weight.shape)} and conv_in.bias "
+                f"{list(bias.shape) if bias is not None else 'is missing'}; PIA's input layer is [{width}, "
+                f"{PIA_INPUT_CHANNELS}, 3, 3] (latent, mask and image latent into the first block's {width} channels) "
+                f"with a [{width}] bias. A whole UNet or another model's file is not a PIA module.")
+    return family
+
+
 def check_finite(tensors: dict[str, Tensor], name: str) -> None:
     """Refuse NaN/inf weights (they would give an all-NaN clip reported as success): one pass, no copies, so
     memory-mapped tensors stay mapped."""
     for key, value in tensors.items():
-        if value.is_floating_point() and not value.is_meta and not bool(torch.isfinite(value).all()):
+        if value.is_floating_point() and not value.is_meta and not _all_finite(value):
             raise MotionModuleError(f"{name}: tensor '{key}' holds NaN/inf values; the file is damaged, download "
                                     "it again.")
+
+
+def _all_finite(value: Tensor) -> bool:
+    """``torch.isfinite(value).all()`` without its temporaries (on the CPU an abs copy and three masks, 7 bytes
+    per float32 value, which the allocator then keeps: issue 16). A sum is NaN or inf whenever a term is, so
+    only a non-finite sum (a bad value, or finite values that overflowed) needs the values looked at."""
+    return bool(torch.isfinite(value.sum())) or bool(torch.isfinite(value).all())
 
 
 def build_module(sd: dict[str, Tensor], config: MotionModuleConfig, ops=nn) -> MotionModule:
     """The module holding the given tensors themselves (no copy): built on the meta device, then assigned."""
     name = config.extra.get("name", "motion module")
-    weights = {k: v for k, v in sd.items() if MOTION_KEY.match(k)}
+    image_input = {PIA: ("conv_in.",), ANIMATELCM_I2V: ("img_encoder.",)}.get(config.family, ())
+    weights = {k: v for k, v in sd.items() if MOTION_KEY.match(k) or k.startswith(image_input)}
     check_finite(weights, name)
     with torch.device("meta"):
         module = MotionModule(config, ops)

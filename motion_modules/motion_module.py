@@ -5,7 +5,13 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .image_encoder import ImageEncoder
 from .temporal_transformer import VanillaTemporalModule
+
+# Image-to-video families: their files carry, beside the motion modules, weights for the image UNet's input.
+PIA = "PIA"                        # conv_in [C0, 9, 3, 3]: latent (4) + mask (1) + image latent (4) channels
+ANIMATELCM_I2V = "AnimateLCM-I2V"  # img_encoder.*: features of the start image added in the down blocks
+PIA_INPUT_CHANNELS = 9
 
 
 @dataclass(frozen=True)
@@ -36,7 +42,8 @@ class MotionBlock(nn.Module):
 
 
 class MotionModule(nn.Module):
-    """Keys: ``down_blocks.<i>.motion_modules.<j>.*``, ``mid_block.motion_modules.0.*``, ``up_blocks.<i>...``."""
+    """Keys: ``down_blocks.<i>.motion_modules.<j>.*``, ``mid_block.motion_modules.0.*``, ``up_blocks.<i>...``;
+    PIA adds ``conv_in.*``, AnimateLCM-I2V ``img_encoder.*`` (formats.md §2.4, §2.5)."""
 
     def __init__(self, config: MotionModuleConfig, ops=nn):
         super().__init__()
@@ -45,6 +52,11 @@ class MotionModule(nn.Module):
         if config.mid:
             self.mid_block = MotionBlock(config.mid, config, ops)
         self.up_blocks = nn.ModuleList(MotionBlock(c, config, ops) for c in config.up)
+        # Named as in the files, so they load and save with the motion modules; used only by the image-input nodes.
+        if config.family == PIA:
+            self.conv_in = ops.Conv2d(PIA_INPUT_CHANNELS, config.down[0][0], 3, padding=1)
+        if config.family == ANIMATELCM_I2V:
+            self.img_encoder = ImageEncoder(tuple(block[0] for block in config.down), ops=ops)
 
     def in_unet_order(self) -> list[VanillaTemporalModule]:
         """Modules in the order the UNet meets them: down blocks, mid block, up blocks."""

@@ -54,7 +54,8 @@ def e2e_dirs(tmp_path_factory):
 def e2e_server(e2e_models, e2e_dirs):
     config = e2e_dirs["config"] / "extra_model_paths.yaml"
     config.write_text(f"adm_tests:\n  base_path: {e2e_models}\n  checkpoints: checkpoints\n"
-                      f"  animatediff_models: animatediff_models\n  animatediff_motion_lora: animatediff_motion_lora\n")
+                      f"  animatediff_models: animatediff_models\n  animatediff_motion_lora: animatediff_motion_lora\n"
+                      f"  controlnet: controlnet\n")
     with start_server(COMFYUI_DIR, host_args=[f"--extra-model-paths-config={config}",
                                               f"--output-directory={e2e_dirs['output']}",
                                               f"--input-directory={e2e_dirs['input']}",
