@@ -46,7 +46,7 @@ GROUPS = {
     "Model": ("#3f789e", {"CheckpointLoaderSimple", "CheckpointLoader", "LoraLoader", "LoraLoaderModelOnly",
                           "VAELoader", "CLIPLoader", "CLIPSetLastLayer"}),
     "Motion": ("#8A8", {"ADM_LoadMotionModule", "ADM_LoadMotionLoRA", "ADM_ApplyMotionModule", "ADM_ContextWindows",
-                        "ADM_SamplingOptions"}),
+                        "ADM_SamplingOptions", "ADM_MotionKeyframe"}),
     "Input video": ("#a1309b", {"ADM_LoadVideo", "VAEEncode", "LoadImage"}),
     "Data": ("#a1309b", {"ADM_VideoDataset"}),
     "Prompts": ("#b58b2a", {"CLIPTextEncode", "ADM_PromptTravel"}),
