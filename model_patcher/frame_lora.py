@@ -10,11 +10,30 @@ the stacked-weight fast path, so a run with per-frame strengths is a little slow
 from __future__ import annotations
 
 import contextlib
+import uuid
 
 import torch
 import torch.nn.functional as F
 
 FRAME_LORAS = "animatediff_frame_loras"  # the motion patcher's model_options: ((pairs, strength, per_frame), ...)
+WEIGHT_LORAS = "animatediff_weight_loras"  # the LoRAs applied as weight patches: ((pairs, strength), ...)
+
+
+def in_forward(motion):
+    """A clone of the motion patcher whose weight-patched motion LoRAs are applied in the forward instead (the same
+    strength on every frame), so that step keyframes can change their strength while sampling."""
+    loras = motion.model_options.get(WEIGHT_LORAS)
+    if not loras:
+        return motion
+    moved = motion.clone()
+    for pairs, _ in loras:  # a motion module's weight patches are its motion LoRAs (add_motion_lora)
+        for key in pairs:
+            moved.patches.pop(key, None)
+    moved.patches_uuid = uuid.uuid4()
+    del moved.model_options[WEIGHT_LORAS]
+    moved.model_options[FRAME_LORAS] = (*moved.model_options.get(FRAME_LORAS, ()),
+                                        *((pairs, strength, (1.0,)) for pairs, strength in loras))
+    return moved
 
 
 def module_prefixes(config) -> list[str]:

@@ -108,6 +108,9 @@ def add_motion_lora(motion: ModelPatcher, path: str | Path, strength: float,
         patched.model_options[frame_lora.FRAME_LORAS] = (*earlier, (pairs, float(strength), tuple(strength_per_frame)))
         return patched
     patched.add_patches({key: _lora_patch(up, down) for key, (up, down) in pairs.items()}, strength)
+    # kept so that step keyframes of the LoRA's strength can move it into the forward (frame_lora.in_forward)
+    patched.model_options[frame_lora.WEIGHT_LORAS] = (*patched.model_options.get(frame_lora.WEIGHT_LORAS, ()),
+                                                      (pairs, float(strength)))
     return patched
 
 
@@ -177,8 +180,8 @@ class TemporalPatch:
             return layer(x, clip, TEMPORAL_ATTENTION, self.config.norm_across_frames, scale)
         return layer(x.to(dtype), clip, TEMPORAL_ATTENTION, self.config.norm_across_frames, scale).to(x.dtype)
 
-    def runs(self, layer, transformer_options: dict) -> list[tuple[VanillaTemporalModule, MotionModuleConfig, float]]:
-        """(module, its config, factor) for each module at this layer whose factor is not 0."""
+    def runs(self, layer, transformer_options: dict) -> list[tuple[VanillaTemporalModule, MotionModuleConfig, float, int]]:
+        """(module, its config, factor, its index in the apply) for each module at this layer whose factor is not 0."""
         step: StepValues | None = transformer_options.get(STEP_VALUES)
         weights = (step.module_weights if step is not None and step.module_weights else None) or self.weights
         step_scale = step.scale if step is not None else 1.0
@@ -198,8 +201,10 @@ class TemporalPatch:
                 contexts.append(contextlib.nullcontext())
                 continue
             indices = self.frame_indices(frames, transformer_options)
+            step: StepValues | None = transformer_options.get(STEP_VALUES)
+            factor = step.lora_strength if step is not None else 1.0
             contexts.append(frame_lora.applied(module, [
-                (path, up, down, strength, self._frame_values(values, indices, chunks, x))
+                (path, up, down, strength * factor, self._frame_values(values, indices, chunks, x))
                 for path, up, down, strength, values in entries], clip))
         return contexts
 
@@ -247,24 +252,15 @@ def _eject(patcher: ModelPatcher) -> None:
     motion_slots.eject(patcher.model.diffusion_model)
 
 
-def _effect_wrapper(effect: float):
-    """APPLY_MODEL wrapper: ``(1 - effect) * unanimated + effect * animated`` prediction (two UNet passes)."""
-    def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
-        plain = executor(x, t, c_concat, c_crossattn, control, {**transformer_options, PLAIN_PASS: True}, **kwargs)
-        if effect == 0:
-            return plain
-        animated = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        return torch.lerp(plain, animated, effect)
-    return wrapper
-
-
-def _keyframe_wrapper(effect: float, keyframes: MotionKeyframes, weights: tuple[float, ...]):
+def _step_wrapper(effect: float, keyframes: MotionKeyframes | None, weights: tuple[float, ...]):
     """APPLY_MODEL wrapper: the keyframes' values at this step (from the sigma the model is called at, on the
-    patched model's own schedule) for the motion patch, and the effect blend with the keyframe's effect."""
+    patched model's own schedule) for the motion patch, and the prediction ``(1 - e) * unanimated + e * animated``
+    for the effect e (Apply's, times the keyframe's): two UNet passes where e is neither 0 nor 1."""
     def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
-        step = keyframes.at(float(t.max()), executor.class_obj.model_sampling, weights)
-        animated_options = {**transformer_options, STEP_VALUES: step}
-        blend = effect * step.effect
+        animated_options, blend = transformer_options, effect
+        if keyframes is not None:
+            step = keyframes.at(float(t.max()), executor.class_obj.model_sampling, weights)
+            animated_options, blend = {**transformer_options, STEP_VALUES: step}, effect * step.effect
         if blend == 1.0:
             return executor(x, t, c_concat, c_crossattn, control, animated_options, **kwargs)
         plain = executor(x, t, c_concat, c_crossattn, control, {**transformer_options, PLAIN_PASS: True}, **kwargs)
@@ -323,6 +319,8 @@ def apply_motion_module(model: ModelPatcher, motion: ModelPatcher, options: Moti
     options.block_scales.check_slots(motion_slots.slot_names(unet, list(configs)))
     if options.keyframes is not None:
         options.keyframes.check_modules(len(motions))
+        if options.keyframes.sets_lora_strength:
+            motions = tuple(frame_lora.in_forward(m) for m in motions)
     schedule = schedules.resolve(options.schedule, config.family)
 
     patched = model.clone()
@@ -353,8 +351,6 @@ def apply_motion_module(model: ModelPatcher, motion: ModelPatcher, options: Moti
     patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, prompt_schedule.check_frames)
     if options.mask is not None:
         patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, _mask_frames_wrapper(options.mask))
-    if options.keyframes is not None:
-        patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, KEY, _keyframe_wrapper(options.effect, options.keyframes, weights))
-    elif options.effect != 1.0:
-        patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, KEY, _effect_wrapper(options.effect))
+    if options.keyframes is not None or options.effect != 1.0:
+        patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, KEY, _step_wrapper(options.effect, options.keyframes, weights))
     return patched

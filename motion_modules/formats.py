@@ -272,19 +272,26 @@ def build_module(sd: dict[str, Tensor], config: MotionModuleConfig, ops=nn) -> M
     check_finite(weights, name)
     with torch.device("meta"):
         module = MotionModule(config, ops)
+    return assign(module, weights, name, config.family, pe_optional=not config.pe_in_file)
+
+
+def assign(module: nn.Module, sd: dict[str, Tensor], name: str, layout: str, pe_optional: bool,
+           error: type[MotionModuleError] = MotionModuleError) -> nn.Module:
+    """``module``, built on the meta device, holding ``sd``'s tensors themselves; keys and shapes must be
+    ``layout``'s exactly. Positional encodings a file may leave out (``pe_optional``) are regenerated: they are a
+    fixed sinusoid."""
     try:
-        missing, unexpected = module.load_state_dict(weights, strict=False, assign=True)
+        missing, unexpected = module.load_state_dict(sd, strict=False, assign=True)
     except RuntimeError as e:
-        raise MotionModuleError(f"{name}: tensor shapes do not match the {config.family} layout ({e}).") from None
-    if not config.pe_in_file:
+        raise error(f"{name}: tensor shapes do not match the {layout} layout ({e}).") from None
+    if pe_optional:
         missing = [k for k in missing if not k.endswith("pos_encoder.pe")]
     if missing or unexpected:
-        raise MotionModuleError(
-            f"{name}: keys do not match the {config.family} layout (missing: {missing[:3]}, unexpected: "
-            f"{unexpected[:3]}). The file is damaged or a variant this version does not know.")
+        raise error(f"{name}: keys do not match the {layout} layout (missing: {missing[:3]}, unexpected: "
+                    f"{unexpected[:3]}). The file is damaged or a variant this version does not know.")
     for encoding in module.modules():
         if isinstance(encoding, PositionalEncoding) and encoding.pe.is_meta:
-            encoding.pe = sinusoidal_encoding(config.max_frames, encoding.pe.shape[-1])
+            encoding.pe = sinusoidal_encoding(encoding.pe.shape[1], encoding.pe.shape[-1])
     return module.eval().requires_grad_(False)
 
 

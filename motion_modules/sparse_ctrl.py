@@ -29,9 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .formats import MotionModuleError, _load_pickle, _unwrap, check_finite, read_state_dict
-from .temporal_transformer import (AttentionFn, FeedForward, PositionalEncoding, VanillaTemporalModule,
-                                   sdpa_attention, sinusoidal_encoding)
+from .formats import MotionModuleError, _load_pickle, _unwrap, assign, check_finite, read_state_dict
+from .temporal_transformer import AttentionFn, FeedForward, VanillaTemporalModule, sdpa_attention
 
 RGB, SCRIBBLE = "rgb", "scribble"
 
@@ -355,19 +354,7 @@ def build(sd: dict[str, Tensor], config: SparseCtrlConfig, ops=nn) -> SparseCtrl
     check_finite(sd, config.name)
     with torch.device("meta"):
         model = SparseCtrlModel(config, ops)
-    try:
-        missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
-    except RuntimeError as e:
-        raise SparseCtrlError(f"{config.name}: tensor shapes do not match the SparseCtrl layout ({e}).") from None
-    missing = [k for k in missing if not k.endswith("pos_encoder.pe")]  # regenerated: a fixed sinusoid
-    if missing or unexpected:
-        raise SparseCtrlError(f"{config.name}: keys do not match the SparseCtrl {config.kind} layout (missing: "
-                              f"{missing[:3]}, unexpected: {unexpected[:3]}). The file is damaged or a variant this "
-                              "version does not know.")
-    for encoding in model.modules():
-        if isinstance(encoding, PositionalEncoding) and encoding.pe.is_meta:
-            encoding.pe = sinusoidal_encoding(config.max_frames, encoding.pe.shape[-1])
-    return model.eval().requires_grad_(False)
+    return assign(model, sd, config.name, f"SparseCtrl {config.kind}", pe_optional=True, error=SparseCtrlError)
 
 
 def load_sparse_ctrl(path: str | Path, ops=nn) -> SparseCtrlModel:

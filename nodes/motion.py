@@ -11,8 +11,9 @@ MOTION_MODULE = "ADM_MOTION_MODULE"
 
 
 class LoadMotionModule:
-    DESCRIPTION = ("Loads an AnimateDiff motion module (v1, v2, v3, SDXL beta, HotshotXL, AnimateLCM; .safetensors "
-                   "or .ckpt) from models/animatediff_models. Pickled files are read without running any code.")
+    DESCRIPTION = ("Loads an AnimateDiff motion module (v1, v2, v3, SDXL beta, HotshotXL, AnimateLCM, "
+                   "PIA, AnimateLCM-I2V; .safetensors or .ckpt) from models/animatediff_models. Pickled files are "
+                   "read without running any code.")
     CATEGORY = f"{CATEGORY}/loaders"
     RETURN_TYPES = (MOTION_MODULE,)
     RETURN_NAMES = ("motion_module",)

@@ -55,6 +55,19 @@ def tiny_motion_config(**overrides):
     return MotionModuleConfig(**fields)
 
 
+def tiny_motion_lora_file(motion, path):
+    """A v2 camera-LoRA-layout file (rank 4 on every attention projection) for ``motion``'s module, at ``path``."""
+    from safetensors.torch import save_file
+    g, sd = torch.Generator().manual_seed(0), {}
+    for key, weight in motion.model.state_dict().items():
+        if ".attention_blocks." in key and key.endswith(("to_q.weight", "to_v.weight", "to_out.0.weight")):
+            stem, proj = (key[: -len(".to_out.0.weight")], "to_out") if "to_out" in key else key.rsplit(".", 2)[:2]
+            sd[f"{stem}.processor.{proj}_lora.down.weight"] = torch.randn(4, weight.shape[1], generator=g) * 0.3
+            sd[f"{stem}.processor.{proj}_lora.up.weight"] = torch.randn(weight.shape[0], 4, generator=g) * 0.3
+    save_file(sd, str(path))
+    return path
+
+
 def tiny_motion_patcher(config=None, seed: int = 1):
     """A ModelPatcher around a tiny motion module with non-zero output projections (as a trained one has)."""
     import comfy.model_management

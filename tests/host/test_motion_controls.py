@@ -11,7 +11,7 @@ from adm.model_patcher.motion_mask import MotionMask
 from adm.model_patcher.motion_patcher import MotionOptions, TemporalPatch, apply_motion_module
 from adm.motion_modules import VanillaTemporalModule
 from adm.nodes.motion import ApplyMotionModule
-from unets import tiny_motion_config, tiny_motion_patcher, tiny_sd15_patcher
+from unets import tiny_motion_config, tiny_motion_lora_file, tiny_motion_patcher, tiny_sd15_patcher
 
 FRAMES = 4
 PLAIN = dict(schedule="use existing", frame_groupnorm="off")
@@ -213,17 +213,7 @@ def test_a_second_apply_with_one_module_replaces_two(model, motion, motion_b):
 
 @pytest.fixture(scope="module")
 def lora_file(motion, tmp_path_factory):
-    """A v2 camera-LoRA-layout file for the tiny module: every attention projection, rank 4."""
-    from safetensors.torch import save_file
-    g, sd = torch.Generator().manual_seed(0), {}
-    for key, weight in motion.model.state_dict().items():
-        if ".attention_blocks." in key and key.endswith(("to_q.weight", "to_v.weight", "to_out.0.weight")):
-            stem, proj = (key[: -len(".to_out.0.weight")], "to_out") if "to_out" in key else key.rsplit(".", 2)[:2]
-            sd[f"{stem}.processor.{proj}_lora.down.weight"] = torch.randn(4, weight.shape[1], generator=g) * 0.3
-            sd[f"{stem}.processor.{proj}_lora.up.weight"] = torch.randn(weight.shape[0], 4, generator=g) * 0.3
-    path = tmp_path_factory.mktemp("lora") / "camera.safetensors"
-    save_file(sd, str(path))
-    return path
+    return tiny_motion_lora_file(motion, tmp_path_factory.mktemp("lora") / "camera.safetensors")
 
 
 def test_per_frame_lora_strengths_match_the_weight_patch_when_even_and_nothing_at_zero(model, motion, lora_file):

@@ -7,10 +7,10 @@ import comfy.sample
 import comfy.samplers
 
 from adm.model_patcher.keyframes import MotionKeyframe, MotionKeyframes, StepValues, percent_of
-from adm.model_patcher.motion_patcher import MotionOptions, apply_motion_module
+from adm.model_patcher.motion_patcher import MotionOptions, add_motion_lora, apply_motion_module
 from adm.nodes.keyframes import MotionKeyframeNode
 from adm.nodes.motion import ApplyMotionModule
-from unets import tiny_motion_patcher, tiny_sd15_patcher
+from unets import tiny_motion_lora_file, tiny_motion_patcher, tiny_sd15_patcher
 
 PLAIN = dict(schedule="use existing", frame_groupnorm="off")
 STEPS = 4
@@ -111,6 +111,29 @@ def test_keyframes_switch_from_one_module_to_another(model, motion):
     assert not torch.allclose(switched[2], first_only[2], atol=1e-3)
 
 
+@pytest.fixture(scope="module")
+def with_lora(motion, tmp_path_factory):
+    return add_motion_lora(motion, tiny_motion_lora_file(motion, tmp_path_factory.mktemp("lora") / "pan.safetensors"), 1.0)
+
+
+def test_a_lora_strength_keyframe_scales_the_motion_lora_from_its_start(model, motion, with_lora):
+    lora, _ = sample_steps(apply_motion_module(model, with_lora, MotionOptions(**PLAIN)))
+    none, _ = sample_steps(apply_motion_module(model, motion, MotionOptions(**PLAIN)))
+    assert not torch.allclose(lora[0], none[0], atol=1e-3)  # the LoRA matters here
+    # Off from the start: the module without its LoRA (in the forward instead of a weight patch: float rounding)
+    off = sample_steps(apply_motion_module(model, with_lora, MotionOptions(keyframes=chain(MotionKeyframe(0.0, lora_strength=0.0)), **PLAIN)))[0]
+    for a, b in zip(off, none):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # Off from step 2: steps 0-1 are the LoRA's, steps 2-3 change
+    keys = chain(MotionKeyframe(percent_between_steps(model, first=2), lora_strength=0.0))
+    keyed, _ = sample_steps(apply_motion_module(model, with_lora, MotionOptions(keyframes=keys, **PLAIN)))
+    torch.testing.assert_close(keyed[0], lora[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(keyed[1], lora[1], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(keyed[2], lora[2], atol=1e-3) and not torch.allclose(keyed[3], lora[3], atol=1e-3)
+    # The motion patcher passed in keeps its weight patch
+    assert with_lora.patches and not with_lora.model_options.get("animatediff_frame_loras")
+
+
 def test_the_node_chains_keyframes_in_percent_order():
     node = MotionKeyframeNode()
     (keys,) = node.add(0.6, 0.5, 1.0, "hold")
@@ -125,6 +148,7 @@ def test_the_node_chains_keyframes_in_percent_order():
     ((0.0, -1.0, 1.0, "hold"), "motion_scale must be a number from 0 to 10; got -1"),
     ((0.0, 1.0, float("inf"), "hold"), "effect must be a number from 0 to 1; got inf"),
     ((0.0, 1.0, 1.0, "cubic"), "interpolation must be one of hold, linear; got 'cubic'"),
+    ((0.0, 1.0, 1.0, "hold", None, "", float("nan")), "motion_lora_strength must be a number from 0 to 10; got nan"),
 ])
 def test_hostile_keyframes_are_refused_with_the_range(args, match):
     with pytest.raises(ValueError, match=match):
