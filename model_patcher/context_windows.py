@@ -147,7 +147,7 @@ if HOST_HAS_WINDOWS:
                 for k, (each_index, each) in enumerate(group):  # each window's share of the outputs, in order
                     self._batched[each_index] = batch[0]._replace(
                         window_idx=each_index, window=each,
-                        sub_conds_out=[out.narrow(self.dim, k * length, length) for out in batch[0].sub_conds_out])
+                        sub_conds_out=window_share(batch[0].sub_conds_out, self.dim, k * length, length))
                 results.append(self._batched.pop(index))
             return results
 
@@ -168,6 +168,15 @@ if HOST_HAS_WINDOWS:
                     break
                 group = group + [(later, windows[later])]
             return group
+
+
+def window_share(outputs, dim: int, start: int, length: int):
+    """One window's part of a batch of windows' outputs: per cond a tensor (0.3.75), or per cond a list with a
+    tensor per modality (newer comfy/context_windows.py: ``result.sub_conds_out[ci][mod_idx]`` in
+    ``IndexListContextHandler.execute``)."""
+    if isinstance(outputs, (list, tuple)):
+        return [window_share(each, dim, start, length) for each in outputs]
+    return outputs.narrow(dim, start, length)
 
 
 def _clips_are_windows(model, conds) -> bool:

@@ -10,7 +10,7 @@ import comfy.ops
 import comfy.sample
 import nodes as host_nodes  # the host's core nodes: ControlNetApplyAdvanced is "Apply ControlNet"
 
-from adm.model_patcher.context_windows import make_handler
+from adm.model_patcher.context_windows import make_handler, window_share
 from adm.model_patcher.motion_patcher import MotionOptions, apply_motion_module
 from adm.nodes.context import ContextWindows
 from unets import tiny_motion_config, tiny_motion_patcher, tiny_sd15_patcher, unet_config
@@ -119,3 +119,14 @@ def test_groupnorm_across_frames_counts_the_whole_batch_so_windows_go_one_by_one
 def test_windows_per_batch_must_be_a_whole_number_from_1_to_16(bad):
     with pytest.raises(ValueError, match="windows_per_batch must be a whole number from 1 to 16"):
         make_handler(8, 2, "standard_static", "pyramid", windows_per_batch=bad)
+
+
+def test_a_window_gets_its_share_of_per_cond_and_per_modality_outputs():
+    """0.3.75 gives one tensor per cond; newer hosts one tensor per cond and modality (comfy/context_windows.py,
+    IndexListContextHandler.execute reads ``result.sub_conds_out[ci][mod_idx]``): both are cut per window."""
+    out = torch.arange(2 * 6 * 3, dtype=torch.float32).view(2, 6, 3)  # (cond, frames of 2 windows of 3, channel)
+    per_cond = [out[0], out[1]]
+    assert all(torch.equal(a, b[3:6]) for a, b in zip(window_share(per_cond, 0, 3, 3), per_cond))
+    per_modality = [[out[0]], [out[1]]]
+    share = window_share(per_modality, 0, 0, 3)
+    assert len(share) == 2 and len(share[0]) == 1 and torch.equal(share[1][0], out[1][:3])
