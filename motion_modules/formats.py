@@ -161,7 +161,8 @@ def _not_a_motion_module(sd: dict[str, Tensor]) -> str | None:
         return ("a SparseCtrl model (a ControlNet for AnimateDiff v3). Put it in models/controlnet and load it with "
                 "Load SparseCtrl (AnimateDiff), then give it keyframe images with Apply SparseCtrl (AnimateDiff)")
     if has(lambda k: "qkv_merge" in k):
-        return "a CameraCtrl motion module, which this version does not support yet"
+        return ("a CameraCtrl model (pose encoder), not a motion module. Load it with Load CameraCtrl (AnimateDiff) "
+                "and give it poses with Apply CameraCtrl Poses; load v3_sd15_mm.ckpt here")
     lora = has(lambda k: "_lora." in k or ".lora_" in k or k.startswith(("lora_unet_", "lora_te")) or ".lora_A." in k)
     if lora and has(lambda k: "motion_modules." in k):
         return "a motion LoRA. Put it in models/animatediff_motion_lora; it is applied on top of a motion module"

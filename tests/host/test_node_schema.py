@@ -76,4 +76,4 @@ def test_every_api_workflow_has_its_ui_twin_and_thumbnail():
     apis = sorted(p.name.replace("_api.json", "") for p in (ROOT / "api_workflows").glob("*.json"))
     uis = sorted(p.stem for p in (ROOT / "example_workflows").glob("*.json"))
     thumbnails = sorted(p.stem for p in (ROOT / "example_workflows").glob("*.jpg"))
-    assert apis == uis == thumbnails and len(apis) == 10
+    assert apis == uis == thumbnails and len(apis) == 11
