@@ -235,6 +235,19 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
     import_extension_module("training.cli").add_parser(subparsers)
 
 
+# ------------------------------------------------------------------------------------ world (issue 15)
+
+@command
+def add_world_command(subparsers: argparse._SubParsersAction) -> None:
+    from . import world
+
+    parser = subparsers.add_parser(
+        "world", help="train the small world's models and measure AnimateDiff's claim and features there",
+        description=world.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    world.add_arguments(parser)
+    parser.set_defaults(func=world.run)
+
+
 # ------------------------------------------------------------------------------------ ui: API -> UI format
 
 @command

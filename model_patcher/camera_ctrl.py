@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-import comfy.model_management
 import comfy.ops
 from comfy.model_patcher import ModelPatcher
 from comfy.patcher_extension import PatcherInjection, WrappersMP
@@ -43,14 +42,8 @@ TRAINED_WITH = "AnimateDiff v3"
 
 def load_camera_ctrl_patcher(path: str | Path) -> ModelPatcher:
     """Read a CameraCtrl file into a ModelPatcher, in the dtype the host runs UNets in on this device."""
-    model = load_camera_ctrl(path, ops=comfy.ops.disable_weight_init)
-    dtype = comfy.model_management.unet_dtype(model_params=sum(p.numel() for p in model.parameters()))
-    if next(model.parameters()).dtype != dtype:
-        model.to(dtype)
-    patcher = ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
-                           offload_device=comfy.model_management.unet_offload_device())
-    patcher.cached_patcher_init = (load_camera_ctrl_patcher, (str(path),))
-    return patcher
+    return motion_patcher.patcher_in_unet_dtype(load_camera_ctrl(path, ops=comfy.ops.disable_weight_init),
+                                                (load_camera_ctrl_patcher, (str(path),)))
 
 
 class PoseFeatures:

@@ -80,14 +80,19 @@ def load_motion_patcher(path: str | Path, disable_dynamic: bool = False) -> Mode
 
     ``cached_patcher_init`` is the host's recipe for a fresh copy of a model (newer hosts read it to deep-clone
     a model and its additional models for each GPU, and pass ``disable_dynamic``; our patcher is never dynamic)."""
-    module = load_motion_module(path, ops=comfy.ops.disable_weight_init)
-    params = sum(p.numel() for p in module.parameters())
-    dtype = comfy.model_management.unet_dtype(model_params=params)
+    return patcher_in_unet_dtype(load_motion_module(path, ops=comfy.ops.disable_weight_init),
+                                 (load_motion_patcher, (str(path),)))
+
+
+def patcher_in_unet_dtype(module: torch.nn.Module, recipe: tuple) -> ModelPatcher:
+    """``module`` (cast to the dtype the host runs UNets in on this device) in a ModelPatcher whose
+    ``cached_patcher_init`` is ``recipe``: (function, args) that makes a fresh copy."""
+    dtype = comfy.model_management.unet_dtype(model_params=sum(p.numel() for p in module.parameters()))
     if next(module.parameters()).dtype != dtype:
         module.to(dtype)
     patcher = ModelPatcher(module, load_device=comfy.model_management.get_torch_device(),
                            offload_device=comfy.model_management.unet_offload_device())
-    patcher.cached_patcher_init = (load_motion_patcher, (str(path),))
+    patcher.cached_patcher_init = recipe
     return patcher
 
 

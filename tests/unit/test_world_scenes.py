@@ -1,0 +1,55 @@
+"""The small world's renderer (world/scenes.py): deterministic by seed, a torus (positions and pans wrap),
+captions with and without motion words, and clear refusals."""
+import pytest
+import torch
+
+from adm.world import scenes
+
+
+def test_batches_are_deterministic_by_seed():
+    clips, captions, drawn = scenes.clip_batch(7, 3, 4)
+    again, captions_again, drawn_again = scenes.clip_batch(7, 3, 4)
+    assert torch.equal(clips, again) and captions == captions_again and drawn == drawn_again
+    assert not torch.equal(clips, scenes.clip_batch(8, 3, 4)[0])
+    images, texts = scenes.image_batch(3, 5)
+    assert torch.equal(images, scenes.image_batch(3, 5)[0]) and texts == scenes.image_batch(3, 5)[1]
+    assert clips.shape == (3, 4, 3, scenes.SIZE, scenes.SIZE) and 0 <= clips.min() and clips.max() <= 1
+
+
+def test_positions_wrap_around_the_torus():
+    right = scenes.Scene("red", "square", "plain", start=(31.5, 0.25), direction="right", speed="quickly")
+    assert right.positions(3).tolist() == [[31.5, 0.25], [0.5, 0.25], [1.5, 0.25]]
+    up = scenes.Scene("red", "square", "plain", start=(4.0, 0.25), direction="up", speed="slowly")
+    assert up.positions(2)[1].tolist() == [4.0, 31.75]
+    # an object on the corner is drawn split over all four corners, whole
+    mask = scenes.object_mask("square", 0.0, 0.0)
+    assert mask[0, 0] == mask[-1, -1] == mask[0, -1] == mask[-1, 0] == 1 and mask[16, 16] == 0
+    assert mask.sum() == pytest.approx(scenes.object_mask("square", 16.0, 16.0).sum())
+
+
+def test_captions_name_the_motion_only_when_asked():
+    scene = scenes.Scene("red", "square", "striped", start=(3.0, 3.0), direction="left", speed="slowly")
+    assert scene.caption() == "a red square moving left slowly on a striped background"
+    assert scene.caption(with_motion=False) == "a red square on a striped background"
+    still = scenes.Scene("green", "circle", "plain", start=(3.0, 3.0))
+    assert still.caption(with_motion=True) == "a green circle on a plain background"
+    assert all("moving" not in c for c in scenes.image_batch(0, 20, motion_words=0.0)[1])
+    assert all(" moving " in c for c in scenes.image_batch(0, 20, motion_words=1.0)[1])
+    _, pan_captions, pan_scenes = scenes.clip_batch(0, 4, 2, pan="left")
+    assert all("moving" not in c for c in pan_captions) and all(s.velocity() == (0.0, 0.0) for s in pan_scenes)
+
+
+@pytest.mark.parametrize("pan, step", [("left", 1), ("right", -1)])
+def test_a_pan_rolls_the_whole_frame(pan, step):
+    clips, _, _ = scenes.clip_batch(2, 3, 5, backgrounds=("striped", "checked", "ocean"), pan=pan)
+    for clip in clips:
+        for t in range(4):
+            assert torch.allclose(clip[t + 1], torch.roll(clip[t], step, dims=2), atol=1e-5)
+
+
+def test_the_personalized_background_is_never_a_base_one_and_unknown_ones_are_refused():
+    ocean = scenes.background("ocean")
+    assert ocean[2].mean() > ocean[0].mean() + 0.2                      # blue, where every base one is grey
+    assert all(torch.equal(scenes.background(b)[0], scenes.background(b)[2]) for b in scenes.BASE_BACKGROUNDS)
+    with pytest.raises(ValueError, match="unknown background 'sea'.*ocean"):
+        scenes.background("sea")

@@ -1,0 +1,154 @@
+"""The small world: captioned images and clips of one coloured shape over a background, rendered in code.
+
+Everything is deterministic by seed and every clip carries the ground truth of its rendering (where the object
+is on every frame, how the camera moved), so what a model generates can be measured against what its prompt
+asked for (world/measure.py).
+
+The world is a torus of SIZE x SIZE pixels: an object leaving one side comes back on the other, and a camera
+pan is a roll of the whole frame. So any clip length and any speed stay inside the picture, and a pan moves the
+background as visibly as the object.
+
+Captions are plain templates, e.g. "a red square moving left slowly on a striped background" (clips and, as in
+real image datasets, a share of the images, where the motion words describe nothing) or "a red square on a
+striped background". The base world uses grey backgrounds; "ocean" (a cyan-to-navy gradient) is the
+personalized domain: no base image ever shows it.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+SIZE = 32                      # pixels per side
+OBJECT_RADIUS = 4.0            # half the side of a square, in pixels
+COLOURS = {"red": (0.90, 0.16, 0.16), "green": (0.16, 0.78, 0.24), "yellow": (0.92, 0.84, 0.16),
+           "magenta": (0.86, 0.20, 0.86)}
+SHAPES = ("square", "circle", "diamond")
+BASE_BACKGROUNDS = ("plain", "striped", "checked")
+PERSONAL_BACKGROUND = "ocean"
+DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
+SPEEDS = {"slowly": 0.5, "quickly": 1.0}   # pixels per frame
+PANS = {"left": (1.0, 0.0), "right": (-1.0, 0.0)}  # a camera panning left sees the world move right
+PAN_SPEED = 1.0
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What one image or clip shows; ``direction``/``speed`` are None for a still, ``pan`` None without a pan."""
+
+    colour: str
+    shape: str
+    background: str
+    start: tuple[float, float]          # object centre (x, y) on frame 0, pixels
+    direction: str | None = None
+    speed: str | None = None
+    pan: str | None = None
+    stripe_phase: float = 0.0           # where the background pattern starts, pixels
+
+    def velocity(self) -> tuple[float, float]:
+        """The object's own motion, pixels per frame (x right, y down)."""
+        if self.direction is None:
+            return (0.0, 0.0)
+        (dx, dy), v = DIRECTIONS[self.direction], SPEEDS[self.speed]
+        return (dx * v, dy * v)
+
+    def camera_velocity(self) -> tuple[float, float]:
+        """How the whole picture moves on screen because of the pan, pixels per frame."""
+        if self.pan is None:
+            return (0.0, 0.0)
+        dx, dy = PANS[self.pan]
+        return (dx * PAN_SPEED, dy * PAN_SPEED)
+
+    def positions(self, frames: int) -> torch.Tensor:
+        """[frames, 2] on-screen object centres (x, y), wrapped into [0, SIZE)."""
+        (vx, vy), (cx, cy) = self.velocity(), self.camera_velocity()
+        t = torch.arange(frames, dtype=torch.float64)[:, None]
+        start = torch.tensor(self.start, dtype=torch.float64)
+        return ((start + t * torch.tensor([vx + cx, vy + cy], dtype=torch.float64)) % SIZE).float()
+
+    def caption(self, with_motion: bool | None = None) -> str:
+        """The prompt for this scene; ``with_motion`` False leaves the motion words out (a still's caption)."""
+        thing = f"a {self.colour} {self.shape}"
+        if self.direction is not None and with_motion is not False:
+            thing += f" moving {self.direction} {self.speed}"
+        article = "an" if self.background[0] in "aeiou" else "a"
+        return f"{thing} on {article} {self.background} background"  # a pan is the LoRA's to make, not the prompt's
+
+
+def _wrapped(grid: torch.Tensor, centre: float) -> torch.Tensor:
+    """Signed distance along one axis on the torus, in (-SIZE/2, SIZE/2]."""
+    return torch.remainder(grid - centre + SIZE / 2, SIZE) - SIZE / 2
+
+
+def object_mask(shape: str, x: float, y: float) -> torch.Tensor:
+    """[SIZE, SIZE] coverage in [0, 1] of ``shape`` centred at (x, y), anti-aliased so sub-pixel motion shows."""
+    grid = torch.arange(SIZE, dtype=torch.float32) + 0.5
+    dx, dy = _wrapped(grid[None, :], x), _wrapped(grid[:, None], y)
+    distance = {"square": torch.maximum(dx.abs(), dy.abs()),
+                "circle": torch.sqrt(dx * dx + dy * dy) * 0.9,       # a little larger: same area as the square
+                "diamond": (dx.abs() + dy.abs()) * 0.7}[shape]
+    return (OBJECT_RADIUS + 0.5 - distance).clamp(0.0, 1.0)
+
+
+def background(kind: str, offset: tuple[float, float] = (0.0, 0.0), phase: float = 0.0) -> torch.Tensor:
+    """[3, SIZE, SIZE] in [0, 1]; ``offset`` shifts the pattern (a camera pan), wrapping around."""
+    grid = torch.arange(SIZE, dtype=torch.float32) + 0.5
+    x = (grid[None, :] - offset[0] - phase) % SIZE
+    y = (grid[:, None] - offset[1] - phase) % SIZE
+    if kind == "plain":
+        grey = torch.full((SIZE, SIZE), 0.35)
+    elif kind == "striped":   # vertical stripes, 8 pixels a period: a horizontal pan shows in them
+        grey = 0.25 + 0.2 * (torch.sin(2 * math.pi * x / 8.0) > 0).float().expand(SIZE, SIZE)
+    elif kind == "checked":
+        grey = 0.25 + 0.2 * (((x // 8) + (y // 8)) % 2).float()
+    elif kind == PERSONAL_BACKGROUND:  # cyan at the top to navy at the bottom, with soft horizontal waves
+        t = ((y + 2.0 * torch.sin(2 * math.pi * x / 16.0)) / SIZE).clamp(0, 1).expand(SIZE, SIZE)
+        top, bottom = torch.tensor([0.30, 0.80, 0.85]), torch.tensor([0.08, 0.12, 0.45])
+        return top[:, None, None] * (1 - t) + bottom[:, None, None] * t
+    else:
+        raise ValueError(f"unknown background {kind!r}; one of {BASE_BACKGROUNDS + (PERSONAL_BACKGROUND,)}")
+    return grey.expand(3, SIZE, SIZE).clone()
+
+
+def render(scene: Scene, frames: int = 1) -> torch.Tensor:
+    """[frames, 3, SIZE, SIZE] in [0, 1]."""
+    colour = torch.tensor(COLOURS[scene.colour])[:, None, None]
+    cx, cy = scene.camera_velocity()
+    out = []
+    for t, (x, y) in enumerate(scene.positions(frames).tolist()):
+        back = background(scene.background, (cx * t, cy * t), scene.stripe_phase)
+        mask = object_mask(scene.shape, x, y)
+        out.append(back * (1 - mask) + colour * mask)
+    return torch.stack(out)
+
+
+def random_scene(rng: random.Random, backgrounds=BASE_BACKGROUNDS, moving: bool = True, pan: str | None = None,
+                 colours=tuple(COLOURS), shapes=SHAPES) -> Scene:
+    """One scene drawn from ``rng``: uniform over the named choices and start positions."""
+    return Scene(colour=rng.choice(colours), shape=rng.choice(shapes), background=rng.choice(backgrounds),
+                 start=(rng.uniform(0, SIZE), rng.uniform(0, SIZE)),
+                 direction=rng.choice(tuple(DIRECTIONS)) if moving else None,
+                 speed=rng.choice(tuple(SPEEDS)) if moving else None, pan=pan,
+                 stripe_phase=float(rng.randrange(8)))
+
+
+def image_batch(seed: int, count: int, backgrounds=BASE_BACKGROUNDS, motion_words: float = 0.5):
+    """``count`` stills and their captions; a ``motion_words`` share of the captions name a motion (random, since
+    a still shows none), as captions scraped with video frames do."""
+    rng = random.Random(seed)
+    images, captions = [], []
+    for _ in range(count):
+        scene = random_scene(rng, backgrounds)
+        images.append(render(scene)[0])
+        captions.append(scene.caption(with_motion=rng.random() < motion_words))
+    return torch.stack(images), captions
+
+
+def clip_batch(seed: int, count: int, frames: int, backgrounds=BASE_BACKGROUNDS, pan: str | None = None):
+    """``count`` clips [count, frames, 3, SIZE, SIZE], their captions and scenes. With a ``pan`` the objects
+    stand still and the camera moves, so the whole picture slides (the clips a camera-move LoRA learns from)."""
+    rng = random.Random(seed)
+    scenes = [random_scene(rng, backgrounds, moving=pan is None, pan=pan) for _ in range(count)]
+    return torch.stack([render(s, frames) for s in scenes]), [s.caption() for s in scenes], scenes
