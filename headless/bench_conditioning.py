@@ -1,5 +1,5 @@
-"""What image conditioning costs: CPU time and peak memory of sampling one clip with PIA, AnimateLCM-I2V or
-SparseCtrl against plain text-to-video with the motion-module layout each is built on, at the same size.
+"""What image and camera conditioning costs: CPU time and peak memory of sampling one clip with PIA,
+AnimateLCM-I2V, SparseCtrl or CameraCtrl against plain text-to-video with the motion-module layout each is built on, at the same size.
 
 Full-size SD1.5 UNet and modules with random weights (real layouts), one fresh process per variant (the machine
 has no room for several full-size models at once), a warm-up clip, then ``--rounds`` timed clips; CPU time of the
@@ -26,7 +26,7 @@ from .extension import import_extension_module
 # variant -> (motion-module family, the txt2vid variant it is compared with)
 VARIANTS = {"plain": (None, None), "txt2vid_v2": ("AnimateDiff v2", None), "txt2vid_v3": ("AnimateDiff v3", None),
             "pia": ("PIA", "txt2vid_v3"), "animatelcm_i2v": ("AnimateLCM-I2V", "txt2vid_v2"),
-            "sparsectrl_rgb": ("AnimateDiff v3", "txt2vid_v3")}
+            "sparsectrl_rgb": ("AnimateDiff v3", "txt2vid_v3"), "cameractrl": ("AnimateDiff v3", "txt2vid_v3")}
 
 
 class StandInVAE:
@@ -50,6 +50,25 @@ def random_sparse_ctrl(frames: int, side: int, generator: torch.Generator):
                                       load_device=torch.device("cpu"))
     hint = control.keyframe_hint(torch.randn(2, 4, side, side, generator=generator), [0, frames - 1], frames)
     return control.apply_sparse_ctrl, model, hint
+
+
+def random_camera_ctrl(frames: int, generator: torch.Generator):
+    """A full-size CameraCtrl (pose encoder + a qkv_merge on every v3 down/up module) with random weights, as a
+    ModelPatcher, and ``frames`` poses of a camera moving forward."""
+    camera = import_extension_module("motion_modules.camera_ctrl")
+    layout = import_extension_module("motion_modules").LAYOUTS["AnimateDiff v3"]
+    import comfy.model_patcher
+    attention = "temporal_transformer.transformer_blocks.0.attention_blocks.0"
+    merges = {f"{kind}.{i}.motion_modules.{j}.{attention}": width
+              for kind, blocks in (("down_blocks", layout.down), ("up_blocks", layout.up))
+              for i, block in enumerate(blocks) for j, width in enumerate(block)}
+    model = camera.CameraCtrl(camera.CameraCtrlConfig(merges=merges)).requires_grad_(False)
+    for name, p in model.named_parameters():
+        p.copy_(torch.ones_like(p) if p.dim() == 1 and name.endswith("weight") else torch.zeros_like(p)
+                if p.dim() == 1 else torch.randn(p.shape, generator=generator) / math.sqrt(math.prod(p.shape[1:])))
+    lines = [f"{i} 0.47 0.84 0.5 0.5 0 0 1 0 0 0 0 1 0 0 0 0 1 {-0.05 * i}" for i in range(frames)]
+    poses = camera.parse_poses("url\n" + "\n".join(lines), "bench poses")
+    return comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu")), poses
 
 
 def sparse_ctrl_tflop(frames: int, size: int) -> float:
@@ -88,6 +107,9 @@ def probe(variant: str, args: argparse.Namespace) -> dict:
     elif variant == "sparsectrl_rgb":
         apply_sparse_ctrl, control, hint = random_sparse_ctrl(args.frames, args.size // 8, torch.Generator().manual_seed(2))
         sample.positive, sample.negative = apply_sparse_ctrl(sample.positive, sample.negative, control, hint, 1.0, 0.0, 1.0)
+    elif variant == "cameractrl":
+        camera, poses = random_camera_ctrl(args.frames, torch.Generator().manual_seed(3))
+        model = import_extension_module("model_patcher.camera_ctrl").apply_camera_ctrl(model, camera, poses)
     comfy.model_management.load_models_gpu([model, *model.get_nested_additional_models()])
     sample(model)  # warm-up
     with open("/proc/self/clear_refs", "w") as refs:  # peak RSS from here on
@@ -106,6 +128,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--flops", action="store_true", help="print SparseCtrl's FLOP ratio instead (shapes only)")
+    parser.add_argument("--only", choices=list(VARIANTS), action="append",
+                        help="run only this variant (repeatable; its txt2vid is run too)")
     parser.add_argument("--probe", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.comfyui, args.device, args.dtype, args.threads, args.cfg, args.sampler = None, "cpu", "fp32", 0, 7.5, "euler"
@@ -123,7 +147,8 @@ def main(argv=None) -> None:
                   f"{(flops['animated_tflop'] + extra) / flops['animated_tflop']:.3f}x txt2vid")
         return
     results = {}
-    for variant in VARIANTS:
+    wanted = set(args.only or VARIANTS) | {VARIANTS[v][1] for v in args.only or ()} - {None}
+    for variant in (v for v in VARIANTS if v in wanted):
         out = subprocess.run([sys.executable, "-m", "headless.bench_conditioning", "--probe", variant,
                               "--frames", str(args.frames), "--size", str(args.size), "--steps", str(args.steps),
                               "--rounds", str(args.rounds)], capture_output=True, text=True)
@@ -133,7 +158,7 @@ def main(argv=None) -> None:
         print(json.dumps(results[variant]), flush=True)
     print(f"\n{args.frames} frames, {args.size}x{args.size}, {args.steps} step(s), CFG {args.cfg}, fp32, CPU")
     print("| variant | CPU s per clip (median) | vs its txt2vid | peak RSS MiB | vs its txt2vid |\n|---|---|---|---|---|")
-    for variant, (_, base) in VARIANTS.items():
+    for variant, (_, base) in ((v, VARIANTS[v]) for v in results):
         seconds, rss = statistics.median(results[variant]["cpu_s"]), results[variant]["peak_rss_mib"]
         if base:
             ratio_s = f"{seconds / statistics.median(results[base]['cpu_s']):.2f}"
