@@ -17,8 +17,9 @@ from .extension import ROOT, import_extension_module
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", metavar="DIR", type=Path, default=ROOT / "output" / "world",
-                        help="where models, tables and GIFs go (default: %(default)s)")
+    parser.add_argument("--out", metavar="DIR", type=Path,
+                        help="where models, tables and GIFs go (default: output/world, with --mini output/world-mini, "
+                             "so a miniature run never replaces the full run's models)")
     parser.add_argument("--mini", action="store_true", help="a few steps of everything: checks the pipeline")
     parser.add_argument("--comfyui", metavar="DIR", type=Path, help="ComfyUI folder (default: as for demo)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
                 shown.close()
         return update
 
+    args.out = args.out or ROOT / "output" / ("world-mini" if args.mini else "world")
     began = time.perf_counter()
     study.run(args.out, study.MINI if args.mini else study.FULL, log=lambda text: tqdm.write(text, file=sys.stderr),
               bar=bar)
