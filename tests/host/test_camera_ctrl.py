@@ -178,7 +178,7 @@ def test_zero_strength_is_plain_animatediff_bit_for_bit_and_the_model_passed_in_
     assert torch.equal(out, plain)
     steered = sample(apply_camera_ctrl(motion, camera, parse_poses(path_text(8, pan=0.3))))
     assert torch.isfinite(steered).all() and not torch.equal(steered, plain)
-    assert {k: dict(v) for k, v in motion.wrappers.items()} == wrappers and not motion.get_injections(host_camera_ctrl.KEY)
+    assert {k: dict(v) for k, v in motion.wrappers.items()} == wrappers and not motion.injections.get(host_camera_ctrl.KEY)
     assert torch.equal(sample(motion), plain)  # the camera's forward is gone once the other clone is patched
     comfy.model_management.unload_all_models()
     assert all("forward" not in block.__dict__ for block in attention_blocks(motion))
@@ -196,7 +196,7 @@ def test_a_second_apply_replaces_the_first(motion, camera):
     twice = apply_camera_ctrl(apply_camera_ctrl(motion, camera, parse_poses(path_text(8, pan=0.4))), camera,
                               parse_poses(path_text(8, turn=0.2)))
     once = apply_camera_ctrl(motion, camera, parse_poses(path_text(8, turn=0.2)))
-    assert len(twice.get_injections(host_camera_ctrl.KEY)) == 1
+    assert len(twice.injections[host_camera_ctrl.KEY]) == 1
     assert torch.equal(sample(twice), sample(once))
 
 
