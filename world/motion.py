@@ -6,9 +6,6 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import comfy.model_management
-import comfy.model_patcher
-
 from ..model_patcher.motion_patcher import MotionOptions, add_motion_lora, apply_motion_module, load_motion_patcher
 from ..model_patcher.schedules import USE_EXISTING
 from ..training.loop import Example, TrainingOptions, make_trainee, save_trained, train

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from ..model_patcher.context_windows import apply_context_windows, make_handler
@@ -188,8 +187,8 @@ def run(out: Path, settings: Settings = FULL, log: Log = print, bar=None) -> dic
     progress = bar("sampling") or (lambda *a: None)
     done = [0]
 
-    def tick(units: int = 1):
-        done[0] += units
+    def tick():
+        done[0] += 1
         progress(done[0], clips_to_sample, 0.0)
 
     sampler = Sampler(world, s, tick)
