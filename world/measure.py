@@ -251,8 +251,8 @@ def _parabola(cost: Tensor, i: int) -> float:
     if i == 0 or i == len(cost) - 1:
         return 0.0
     left, centre, right = cost[i - 1].item(), cost[i].item(), cost[i + 1].item()
-    curvature = left - 2 * centre + right
-    return 0.0 if curvature <= 0 else max(-0.5, min(0.5, 0.5 * (left - right) / curvature))
+    curvature = left - 2 * centre + right   # a flat cost (no detail along the axis) leaves FFT rounding, ~1e-17
+    return 0.0 if curvature <= 1e-9 else max(-0.5, min(0.5, 0.5 * (left - right) / curvature))
 
 
 def global_displacement(clip: Tensor, ignore_colour: str | None = None) -> tuple[float, float]:

@@ -32,6 +32,7 @@ DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down
 SPEEDS = {"slowly": 0.5, "quickly": 1.0}   # pixels per frame
 PANS = {"left": (1.0, 0.0), "right": (-1.0, 0.0)}  # a camera panning left sees the world move right
 PAN_SPEED = 1.0
+RENDERING = 1  # bumped whenever images change, so that models trained on the older ones are not reused
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """The study of issue 15: train the world's models, then measure AnimateDiff's claim and its quality features.
 
-Stages (each model is cached in ``<out>/models`` with the settings it was made with, so a rerun, or a run that was
-stopped, reuses what is done):
+Stages (each model is cached in ``<out>/models`` beside a ``<name>.json`` of the settings it was made with,
+its own and those of the models it is trained from, so a rerun, or a run that was stopped, trains only what
+changed):
 1. base: the text-to-image model on captioned stills of the base world (grey backgrounds);
 2. personalized: the base fine-tuned on ocean stills only (a background the base never saw);
 3. motion module: trained on the base (frozen) with clips, training/loop.py;
@@ -35,7 +36,8 @@ class Settings:
     image_batch: int = 32
     motion_steps: int = 1500      # clip batches for the motion module
     motion_lr: float = 1e-3
-    lora_steps: int = 150         # clip batches for the camera LoRA
+    lora_steps: int = 450         # clip batches for the camera LoRA
+    lora_lr: float = 2e-3
     clip_batch: int = 2
     table_clips: int = 16         # clips per table row (a multiple of 8: every direction x speed equally)
     feature_clips: int = 8        # clips per feature row
@@ -44,12 +46,16 @@ class Settings:
     cfg: float = 4.0
     seed: int = 0
 
-    def model_key(self) -> dict:
-        """What the cached models depend on."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k.endswith(("_steps", "_batch", "_lr", "seed"))
-                and k != "sample_steps"}
+    def model_keys(self) -> dict[str, dict]:
+        """What each cached model depends on: its own settings and those of the models it is trained from."""
+        base = {"rendering": scenes.RENDERING, "seed": self.seed, "base_steps": self.base_steps,
+                "image_batch": self.image_batch}
+        module = base | {"motion_steps": self.motion_steps, "motion_lr": self.motion_lr, "clip_batch": self.clip_batch}
+        return {BASE: base, PERSONAL: base | {"personal_steps": self.personal_steps}, MODULE: module,
+                LORA: module | {"lora_steps": self.lora_steps, "lora_lr": self.lora_lr}}
 
 
+BASE, PERSONAL, MODULE, LORA = "base.pt", "personal.pt", "world_mm_v2.safetensors", "world_pan_left_lora.safetensors"
 FULL = Settings()
 MINI = Settings(base_steps=3, personal_steps=2, image_batch=4, motion_steps=2, lora_steps=2, table_clips=2,
                 feature_clips=2, long_frames=24, sample_steps=2)
@@ -72,48 +78,58 @@ class World:
 def build_world(out: Path, settings: Settings, log: Log, bar) -> World:
     folder = out / "models"
     folder.mkdir(parents=True, exist_ok=True)
-    key_file = folder / "settings.json"
-    if not key_file.exists() or json.loads(key_file.read_text()) != settings.model_key():
-        if any(folder.iterdir()):
-            log(f"{folder} holds models made with other settings; training again")
-        for old in folder.iterdir():
-            old.unlink()
-        key_file.write_text(json.dumps(settings.model_key()))
-    seconds, s = {}, settings
+    keys, seconds, s = settings.model_keys(), {}, settings
+
+    def cached(name: str) -> bool:
+        """Whether ``name`` holds a model made with today's key; one made otherwise is deleted, to train again."""
+        path, key_file = folder / name, folder / f"{name}.json"
+        if path.exists() and key_file.exists() and json.loads(key_file.read_text()) == keys[name]:
+            return True
+        if path.exists():
+            log(f"{path} was made with other settings; training it again")
+        path.unlink(missing_ok=True)
+        key_file.unlink(missing_ok=True)
+        return False
+
+    def stamp(name: str) -> None:
+        (folder / f"{name}.json").write_text(json.dumps(keys[name], sort_keys=True))
 
     base, text = models.new_unet_patcher(s.seed), models.TextEncoder()
     started = time.perf_counter()
-    if not _load(folder / "base.pt", base, text):
+    if not (cached(BASE) and _load(folder / BASE, base, text)):
         models.train_images(base, text, lambda step: scenes.image_batch(s.seed * 100_000 + step, s.image_batch),
                             s.base_steps, seed=s.seed, progress=bar("base model"))
-        _save(folder / "base.pt", base, text)
+        _save(folder / BASE, base, text)
+        stamp(BASE)
     seconds["base"] = time.perf_counter() - started
 
     started = time.perf_counter()
     personal = models.fine_tuned(base)
-    if not _load(folder / "personal.pt", personal):
+    if not (cached(PERSONAL) and _load(folder / PERSONAL, personal)):
         ocean = (scenes.PERSONAL_BACKGROUND,)
         models.train_images(personal, text, lambda step: scenes.image_batch(s.seed * 100_000 + 50_000 + step,
                                                                             s.image_batch, ocean),
                             s.personal_steps, learning_rate=3e-4, train_text=False, seed=s.seed + 1,
                             progress=bar("personalized model"))
-        _save(folder / "personal.pt", personal)
+        _save(folder / PERSONAL, personal)
+        stamp(PERSONAL)
     seconds["personal"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    module = folder / "world_mm_v2.safetensors"
-    if not module.exists():
-        motion.train_module(base, text, module, s.motion_steps, s.clip_batch, s.motion_lr, seed=s.seed,
+    if not cached(MODULE):
+        motion.train_module(base, text, folder / MODULE, s.motion_steps, s.clip_batch, s.motion_lr, seed=s.seed,
                             progress=bar("motion module"))
+        stamp(MODULE)
     seconds["motion module"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    lora = folder / "world_pan_left_lora.safetensors"
-    if not lora.exists():
-        motion.train_pan_lora(base, text, module, lora, "left", s.lora_steps, batch_size=s.clip_batch,
-                              seed=s.seed + 2, progress=bar("motion LoRA (pan left)"))
+    if not cached(LORA):
+        motion.train_pan_lora(base, text, folder / MODULE, folder / LORA, "left", s.lora_steps,
+                              batch_size=s.clip_batch, learning_rate=s.lora_lr, seed=s.seed + 2,
+                              progress=bar("motion LoRA (pan left)"))
+        stamp(LORA)
     seconds["motion LoRA"] = time.perf_counter() - started
-    return World(base, personal, text, module, lora, seconds)
+    return World(base, personal, text, folder / MODULE, folder / LORA, seconds)
 
 
 def _save(path: Path, patcher, text=None) -> None:

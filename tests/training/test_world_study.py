@@ -1,6 +1,7 @@
 """The small world's study (issue 15) end to end in miniature: every model trains, every row samples through
 the host's KSampler with the extension's patching, every metric comes out a number, and the files decode. The
 figures themselves need the full run (``python -m headless world``)."""
+import dataclasses
 import json
 import math
 
@@ -48,6 +49,14 @@ def test_mini_study_measures_every_row_and_writes_its_files(tmp_path):
     trained = []
     study.build_world(tmp_path, study.MINI, log=lambda text: None, bar=lambda name: trained.append(name))
     assert not trained and {p.name: p.stat().st_mtime_ns for p in (tmp_path / "models").iterdir()} == stamps
+    # Another LoRA setting trains the LoRA again and nothing it does not depend on; another base setting, all of it.
+    study.build_world(tmp_path, dataclasses.replace(study.MINI, lora_steps=3), log=lambda text: None,
+                      bar=lambda name: trained.append(name))
+    assert trained == ["motion LoRA (pan left)"]
+    trained.clear()
+    study.build_world(tmp_path, dataclasses.replace(study.MINI, base_steps=2), log=lambda text: None,
+                      bar=lambda name: trained.append(name))
+    assert trained == ["base model", "personalized model", "motion module", "motion LoRA (pan left)"]
 
 
 def test_world_latents_decode_exactly_and_captions_tokenize():

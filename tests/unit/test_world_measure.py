@@ -157,3 +157,10 @@ def test_bad_input_is_refused_with_the_fix():
         measure.track(clip, "blue")
     with pytest.raises(ValueError, match="needs at least 2"):
         measure.appearance_change(clip[:1], "red")
+
+
+def test_a_flat_cost_gives_no_sub_pixel_shift():
+    # Along an axis without detail (vertical stripes seen for a vertical shift) every shift costs the same, but the
+    # FFT correlation leaves rounding of about 1e-17 that a parabola through it would read as up to half a pixel.
+    assert measure._parabola(torch.tensor([1e-17, 0.0, 3e-17], dtype=torch.float64), 1) == 0.0
+    assert measure._parabola(torch.tensor([0.3, 0.1, 0.5], dtype=torch.float64), 1) == pytest.approx(-1 / 6)
