@@ -96,7 +96,9 @@ def build_world(out: Path, settings: Settings, log: Log, bar) -> World:
 
     base, text = models.new_unet_patcher(s.seed), models.TextEncoder()
     started = time.perf_counter()
-    if not (cached(BASE) and _load(folder / BASE, base, text)):
+    if cached(BASE):
+        _load(folder / BASE, base, text)
+    else:
         models.train_images(base, text, lambda step: scenes.image_batch(s.seed * 100_000 + step, s.image_batch),
                             s.base_steps, seed=s.seed, progress=bar("base model"))
         _save(folder / BASE, base, text)
@@ -105,7 +107,9 @@ def build_world(out: Path, settings: Settings, log: Log, bar) -> World:
 
     started = time.perf_counter()
     personal = models.fine_tuned(base)
-    if not (cached(PERSONAL) and _load(folder / PERSONAL, personal)):
+    if cached(PERSONAL):
+        _load(folder / PERSONAL, personal)
+    else:
         ocean = (scenes.PERSONAL_BACKGROUND,)
         models.train_images(personal, text, lambda step: scenes.image_batch(s.seed * 100_000 + 50_000 + step,
                                                                             s.image_batch, ocean),
@@ -141,14 +145,11 @@ def _save(path: Path, patcher, text=None) -> None:
     tmp.replace(path)
 
 
-def _load(path: Path, patcher, text=None) -> bool:
-    if not path.exists():
-        return False
+def _load(path: Path, patcher, text=None) -> None:
     state = torch.load(path, weights_only=True)
     patcher.model.diffusion_model.load_state_dict(state["unet"])
     if text is not None:
         text.load_state_dict(state["text"])
-    return True
 
 
 # ------------------------------------------------------------------------------------------------ sampling
