@@ -6,8 +6,8 @@ to generated ones: a clip is a tensor [frames, 3, SIZE, SIZE] in [0, 1], a batch
 Definitions (the README quotes them):
 
 - **Object weight** of a pixel p for a named colour c: how far p lies from the frame's background toward c,
-  ``clamp(1 - |p - c| / D, 0, 1)`` in RGB, with D the median of ``|p - c|`` over the frame (the background's
-  distance, as the object covers a few per cent of the picture); kept only on the object's core (pixels at least
+  ``clamp(1 - |p - c| / D, 0, 1)`` in RGB, with D the median of ``|p - c|`` over the frame's pixels that are not
+  wake (the background's distance, as the object covers a few per cent of the picture); kept only on the object's core (pixels at least
   half-way to c) and the pixels next to it. Linear in a pixel's coverage, so anti-aliased and blurred edges count
   by how much of the object they hold, and a blurry or off-colour object still counts.
 - **Position**: per axis, the circular (torus) mean of the weights' marginal, then refined by the weighted mean of
@@ -18,12 +18,15 @@ Definitions (the README quotes them):
   taken in (-SIZE/2, SIZE/2], over the frames where the object is found.
 - **Motion accuracy** (motion_scores): a clip's motion is right when the nearest of the four compass directions to
   its velocity is the prompt's and its speed is at least MIN_SPEED; chance is 0.25.
+- **Wake behind** (wake_behind): the share of frames whose wake (pixels lighter than WAKE_MIN in every channel)
+  lies, by its centroid's offset from the object, nearest the compass direction opposite the prompt's: one frame
+  showing the prompted motion, as a frame of the world's moving objects does.
 - **Appearance change** of a step: ``|dA| / mean(A) + |dc| / |mean(c)|`` between consecutive frames, with A the
   object's area and c its weighted mean colour (RGB); 0 when the object looks the same.
 - **Seam ratio** (seam_scores): the median displacement error (a step's distance from the clip's median step) at
   the given hand-over transitions, against the median elsewhere, each plus a floor so that a clean clip reads 1;
   likewise for appearance change.
-- **Global displacement**: the whole-frame shift between consecutive frames that minimises the mean squared
+- **Global displacement**: the whole-frame shift (objects and wakes masked out when asked) between consecutive frames that minimises the mean squared
   difference on the torus (integer search within MAX_SHIFT, then a parabola through the neighbours), averaged.
 - **Domain share** (DomainClassifier): the share of frames that a logistic regression on 4x4 colour means, fit on
   rendered base-background vs ocean-background images, calls personalized.
@@ -45,6 +48,8 @@ MIN_CONTRAST = 0.3        # floor on D, the background's RGB distance from the c
 WINDOW = scenes.OBJECT_RADIUS + 3.5  # pixels around the rough centre that the refined position averages over
 MIN_AREA = 16.0           # pixels of weight for "found": a quarter of a rendered object
 MIN_SPEED = 0.15          # pixels per frame: slower counts as not moving (the slow prompt speed is 0.5)
+WAKE_MIN = 0.62           # a pixel lighter in every channel is wake: no background, nor an object's edge on one, is
+MIN_WAKE = 4              # pixels of wake for a frame to show one (a rendered wake has 16 or more)
 MAX_SHIFT = 4             # pixels per frame searched by global_displacement (the striped pattern repeats at 8)
 # added to both sides of a seam ratio: the step error and appearance change that rendered, steady clips already
 # show (the tracker's sub-pixel bias, the edges' anti-aliasing), below which a difference is measurement
@@ -80,8 +85,11 @@ def object_weights(frames: Tensor, colour: str) -> Tensor:
     """[frames, SIZE, SIZE] weight in [0, 1]: how much of each pixel is the object of ``colour`` (module
     docstring). Another named colour weighs 0: it is never half-way from a background to ``colour`` (the named
     colours are at least 0.68 apart in RGB, every background within 1.15 of each), so it has no core."""
-    distance = (_clip(frames) - _colour(colour)[None, :, None, None]).norm(dim=1)      # [frames, H, W]
-    background = distance.flatten(1).median(1).values.clamp_min(MIN_CONTRAST)
+    frames = _clip(frames)
+    distance = (frames - _colour(colour)[None, :, None, None]).norm(dim=1)            # [frames, H, W]
+    wake = frames.amin(1) > WAKE_MIN                      # not background: left out of the median that stands for it
+    background = distance.masked_fill(wake, float("nan")).flatten(1).nanmedian(1).values
+    background = background.nan_to_num(MIN_CONTRAST).clamp_min(MIN_CONTRAST)
     weight = (1 - distance / background[:, None, None]).clamp(0.0, 1.0)
     core = (weight >= CORE).float()[:, None]
     near_core = F.max_pool2d(F.pad(core, (1, 1, 1, 1), mode="circular"), 3, stride=1)[:, 0]
@@ -134,6 +142,20 @@ def nearest_direction(vx: float, vy: float) -> str:
     return max(DIRECTIONS, key=lambda name: DIRECTIONS[name][0] * vx + DIRECTIONS[name][1] * vy)
 
 
+def wake_behind(clip: Tensor, result: Track, direction: str) -> float:
+    """Share of a clip's frames that show the prompted motion in the one frame: the object is found and its wake
+    (at least MIN_WAKE pixels lighter in every channel than WAKE_MIN) lies, by its centroid's offset from the
+    object, nearest the compass direction opposite ``direction``."""
+    white, grid = clip.amin(1) > WAKE_MIN, torch.arange(SIZE, dtype=torch.float32) + 0.5
+    right = 0
+    for frame, (x, y) in enumerate(result.positions.tolist()):
+        ys, xs = torch.nonzero(white[frame], as_tuple=True)
+        if result.found[frame] and len(xs) >= MIN_WAKE:
+            behind = nearest_direction(-wrap(grid[xs] - x).mean().item(), -wrap(grid[ys] - y).mean().item())
+            right += behind == direction
+    return right / len(clip)
+
+
 def motion_scores(clips: Tensor | Sequence[Tensor], scene_list: Sequence[scenes.Scene],
                   min_speed: float = MIN_SPEED) -> dict[str, float]:
     """How well a batch of clips moves as their prompts (``scene_list``, one per clip) ask; the object is tracked
@@ -142,15 +164,17 @@ def motion_scores(clips: Tensor | Sequence[Tensor], scene_list: Sequence[scenes.
     Returns ``direction_accuracy`` (share right, see the module docstring; chance 0.25), ``cosine`` (mean cosine
     between measured and prompted velocity; 0 for a clip that does not move), ``speed_ratio`` (mean of measured
     speed / prompted speed), ``speed_error`` (mean |measured - prompted speed|, pixels per frame), ``found`` (mean
-    share of frames where the object is found) and ``clips``."""
+    share of frames where the object is found), ``wake_behind`` (mean share of frames whose wake shows the prompted
+    motion, see wake_behind) and ``clips``."""
     if len(clips) != len(scene_list):
         raise ValueError(f"{len(clips)} clips but {len(scene_list)} scenes; pass the scene of every clip")
-    right, cosine, ratio, error, found = [], [], [], [], []
+    right, cosine, ratio, error, found, wake = [], [], [], [], [], []
     for index, (clip, scene) in enumerate(zip(clips, scene_list)):
         if scene.direction is None:
             raise ValueError(f"scene {index} ({scene.caption()!r}) asks for no motion; motion_scores measures "
                              "clips whose prompt names a direction and speed")
-        result = track(_clip(clip, f"clip {index}"), scene.colour)
+        clip = _clip(clip, f"clip {index}")
+        result = track(clip, scene.colour)
         vx, vy = velocity(result.positions, result.found)
         px, py = scene.velocity()
         speed, asked = math.hypot(vx, vy), math.hypot(px, py)
@@ -159,9 +183,11 @@ def motion_scores(clips: Tensor | Sequence[Tensor], scene_list: Sequence[scenes.
         ratio.append(speed / asked)
         error.append(abs(speed - asked))
         found.append(result.found.float().mean().item())
+        wake.append(wake_behind(clip, result, scene.direction))
     mean = lambda values: sum(map(float, values)) / len(values)  # noqa: E731
     return {"direction_accuracy": mean(right), "cosine": mean(cosine), "speed_ratio": mean(ratio),
-            "speed_error": mean(error), "found": mean(found), "clips": float(len(right))}
+            "speed_error": mean(error), "found": mean(found), "wake_behind": mean(wake),
+            "clips": float(len(right))}
 
 
 def object_appearance(clip: Tensor, colour: str) -> tuple[Tensor, Tensor]:
@@ -217,14 +243,15 @@ def seam_scores(clip: Tensor, colour: str, boundaries: Sequence[int]) -> dict[st
 
 def frame_shifts(clip: Tensor, ignore_colour: str | None = None) -> Tensor:
     """[frames - 1, 2] whole-frame shift (dx, dy) from each frame to the next (module docstring). With
-    ``ignore_colour`` the pixels of that object (and one pixel around) are left out, so a moving object on a
-    textured background does not read as a camera move. On a plain background the object is all there is to see,
-    and a pan cannot be told from the object's own motion. Where the picture has no detail along an axis
-    (vertical stripes seen for a vertical shift, or nothing left at all) the smaller shift wins the tie."""
+    ``ignore_colour`` the pixels of that object and of its white wake (and one pixel around) are left out, so a
+    moving object on a textured background does not read as a camera move. On a plain background the object is
+    all there is to see, and a pan cannot be told from the object's own motion. Where the picture has no detail
+    along an axis (vertical stripes seen for a vertical shift, or nothing left at all) the smaller shift wins."""
     clip = _clip(clip, min_frames=2).double()
     valid = torch.ones(clip.shape[0], 1, SIZE, SIZE, dtype=torch.float64)
     if ignore_colour is not None:
-        near = F.max_pool2d(F.pad(object_weights(clip, ignore_colour)[:, None], (1, 1, 1, 1), mode="circular"), 3, 1)
+        moving = object_weights(clip, ignore_colour) + (clip.amin(1) > WAKE_MIN).double()
+        near = F.max_pool2d(F.pad(moving[:, None], (1, 1, 1, 1), mode="circular"), 3, 1)
         valid = (near == 0).double()
     a, va, b, vb = clip[:-1], valid[:-1], clip[1:], valid[1:]
 

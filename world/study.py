@@ -354,11 +354,13 @@ def _rounded(value):
 def markdown(results: dict) -> str:
     t = results["table"]
     lines = ["| model | motion accuracy (direction, chance 0.25) | velocity cosine | speed ratio (measured / "
-             "prompted) | speed error px/frame | appearance change (lower = steadier) | ocean share (personalized look) |",
-             "|---|---|---|---|---|---|---|"]
+             "prompted) | speed error px/frame | appearance change (lower = steadier) | ocean share (personalized look) | "
+             "wake behind (one frame shows the direction) |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in t.items():
         lines.append(f"| {name} | {r['direction_accuracy']:.2f} | {r['cosine']:.2f} | {r['speed_ratio']:.2f} | "
-                     f"{r['speed_error']:.2f} | {r['appearance_change']:.3f} | {r['ocean_share']:.2f} |")
+                     f"{r['speed_error']:.2f} | {r['appearance_change']:.3f} | {r['ocean_share']:.2f} | "
+                     f"{r['wake_behind']:.2f} |")
     f = results["features"]
     lines += ["", "| feature | metric | with | without |", "|---|---|---|---|"]
     w = f["context windows (64 frames, 16/4)"]

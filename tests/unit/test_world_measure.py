@@ -1,5 +1,6 @@
 """Measures of the small world (world/measure.py), checked on clips whose truth is known: rendered ground truth,
 the same blurred and noisy (as a small model's output is), frames drawn independently, injected seams."""
+import dataclasses
 import random
 
 import pytest
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from adm.world import measure, scenes
 
 SIZE = scenes.SIZE
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 
 
 def blurred(clip: torch.Tensor, seed: int = 0, sigma: float = 1.0, noise: float = 0.05) -> torch.Tensor:
@@ -75,11 +77,16 @@ def test_motion_scores_are_perfect_on_ground_truth_and_near_chance_on_independen
     truth = measure.motion_scores(clips, drawn)
     assert truth["direction_accuracy"] == 1.0 and truth["found"] == 1.0 and truth["clips"] == 24
     assert truth["cosine"] > 0.999 and truth["speed_ratio"] == pytest.approx(1.0, abs=0.02)
-    assert truth["speed_error"] < 0.02
+    assert truth["speed_error"] < 0.02 and truth["wake_behind"] == 1.0   # every rendered frame shows its motion
     rng = random.Random(5)
     stills = torch.stack([still_frames_clip(scene, 16, rng) for scene in drawn])
     chance = measure.motion_scores(stills, drawn)
     assert chance["direction_accuracy"] < 0.5 and abs(chance["cosine"]) < 0.4
+    assert chance["wake_behind"] == 0.0                                      # still objects leave no wake
+    # a wake on the other side (the clip played backwards) shows the opposite motion on every frame
+    assert measure.motion_scores(clips.flip(1), drawn)["wake_behind"] == 1.0
+    backwards = [dataclasses.replace(s, direction=OPPOSITE[s.direction]) for s in drawn]
+    assert measure.motion_scores(clips, backwards)["wake_behind"] == 0.0
     # a still clip: no speed, no direction
     frozen = torch.stack([clip[:1].expand(16, -1, -1, -1) for clip in clips[:4]])
     assert measure.motion_scores(frozen, drawn[:4])["direction_accuracy"] == 0.0

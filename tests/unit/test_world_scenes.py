@@ -3,7 +3,7 @@ captions with and without motion words, and clear refusals."""
 import pytest
 import torch
 
-from adm.world import scenes
+from adm.world import measure, scenes
 
 
 def test_batches_are_deterministic_by_seed():
@@ -35,8 +35,39 @@ def test_captions_name_the_motion_only_when_asked():
     assert still.caption(with_motion=True) == "a green circle on a plain background"
     assert all("moving" not in c for c in scenes.image_batch(0, 20, motion_words=0.0)[1])
     assert all(" moving " in c for c in scenes.image_batch(0, 20, motion_words=1.0)[1])
+    # a still captioned without motion words shows no wake: only the object's colour and the background's greys
+    stills = scenes.image_batch(0, 20, backgrounds=("plain",), motion_words=0.0)[0]
+    assert stills.amax() < scenes.WAKE_COLOUR[0] - 0.01
     _, pan_captions, pan_scenes = scenes.clip_batch(0, 4, 2, pan="left")
     assert all("moving" not in c for c in pan_captions) and all(s.velocity() == (0.0, 0.0) for s in pan_scenes)
+
+
+@pytest.mark.parametrize("direction", list(scenes.DIRECTIONS))
+def test_one_frame_shows_the_motion_a_wake_behind_the_object_as_long_as_its_speed(direction):
+    def wake_behind(speed):
+        scene = scenes.Scene("red", "square", "plain", start=(16.0, 16.0), direction=direction, speed=speed)
+        white = (scenes.render(scene)[0] - 0.35).amin(0) > 0.02   # whiter than the plain grey
+        ys, xs = torch.nonzero(white, as_tuple=True)
+        dx, dy = scenes.DIRECTIONS[direction]
+        along = measure.wrap(xs + 0.5 - 16.0) * dx + measure.wrap(ys + 0.5 - 16.0) * dy
+        return white.sum().item(), -along.min().item(), along.max().item()
+    (slow_area, slow_reach, slow_ahead) = wake_behind("slowly")
+    (fast_area, fast_reach, fast_ahead) = wake_behind("quickly")
+    assert slow_area > 0 and fast_area > slow_area
+    # all of it lies behind, reaching back past the object's edge by WAKE_FRAMES frames of motion
+    assert slow_ahead < 0 and fast_ahead < 0
+    assert slow_reach == pytest.approx(scenes.OBJECT_RADIUS + scenes.WAKE_FRAMES * 0.5, abs=1)
+    assert fast_reach == pytest.approx(scenes.OBJECT_RADIUS + scenes.WAKE_FRAMES * 1.0, abs=1)
+    still = scenes.Scene("red", "square", "plain", start=(16.0, 16.0))
+    assert torch.equal(scenes.wake_mask(still, 16.0, 16.0), torch.zeros(scenes.SIZE, scenes.SIZE))
+
+
+def test_pictures_are_framed_on_their_subject():
+    # every still, and the first frame of every clip, has its object within FRAMING pixels of the centre
+    _, _, drawn = scenes.clip_batch(5, 40, 2)
+    starts = torch.tensor([s.start for s in drawn])
+    assert (starts - scenes.SIZE / 2).abs().max() <= scenes.FRAMING
+    assert (starts - scenes.SIZE / 2).abs().max() > scenes.FRAMING / 2   # jittered, not pinned
 
 
 @pytest.mark.parametrize("pan, step", [("left", 1), ("right", -1)])
