@@ -7,9 +7,9 @@ Definitions (the README quotes them):
 
 - **Object weight** of a pixel p for a named colour c: how far p lies from the frame's background toward c,
   ``clamp(1 - |p - c| / D, 0, 1)`` in RGB, with D the median of ``|p - c|`` over the frame's pixels that are not
-  wake (the background's distance, as the object covers a few per cent of the picture); kept only on the object's core (pixels at least
-  half-way to c) and the pixels next to it. Linear in a pixel's coverage, so anti-aliased and blurred edges count
-  by how much of the object they hold, and a blurry or off-colour object still counts.
+  wake (the background's distance, as the object covers a few per cent of the picture); kept only on the object's
+  core (pixels at least half-way to c) and the pixels next to it. Linear in a pixel's coverage, so anti-aliased and
+  blurred edges count by how much of the object they hold, and a blurry or off-colour object still counts.
 - **Position**: per axis, the circular (torus) mean of the weights' marginal, then refined by the weighted mean of
   the wrapped offsets within OBJECT_RADIUS + 3.5 pixels of it; an object split across an edge is measured whole.
   **Area**: the sum of the weights, in pixels (a rendered object is about 64). An object is *found* on a frame
@@ -26,8 +26,9 @@ Definitions (the README quotes them):
 - **Seam ratio** (seam_scores): the median displacement error (a step's distance from the clip's median step) at
   the given hand-over transitions, against the median elsewhere, each plus a floor so that a clean clip reads 1;
   likewise for appearance change.
-- **Global displacement**: the whole-frame shift (objects and wakes masked out when asked) between consecutive frames that minimises the mean squared
-  difference on the torus (integer search within MAX_SHIFT, then a parabola through the neighbours), averaged.
+- **Global displacement**: the whole-frame shift (objects and wakes masked out when asked) between consecutive
+  frames that minimises the mean squared difference on the torus (integer search within MAX_SHIFT, then a parabola
+  through the neighbours), averaged.
 - **Domain share** (DomainClassifier): the share of frames that a logistic regression on 4x4 colour means, fit on
   rendered base-background vs ocean-background images, calls personalized.
 """

@@ -354,8 +354,8 @@ def _rounded(value):
 def markdown(results: dict) -> str:
     t = results["table"]
     lines = ["| model | motion accuracy (direction, chance 0.25) | velocity cosine | speed ratio (measured / "
-             "prompted) | speed error px/frame | appearance change (lower = steadier) | ocean share (personalized look) | "
-             "wake behind (one frame shows the direction) |",
+             "prompted) | speed error px/frame | appearance change (lower = steadier) | ocean share (personalized "
+             "look) | wake behind (one frame shows the direction) |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in t.items():
         lines.append(f"| {name} | {r['direction_accuracy']:.2f} | {r['cosine']:.2f} | {r['speed_ratio']:.2f} | "
