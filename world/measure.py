@@ -82,13 +82,18 @@ def wrap(delta: Tensor) -> Tensor:
     return SIZE / 2 - torch.remainder(SIZE / 2 - delta, SIZE)
 
 
+def wake_pixels(frames: Tensor) -> Tensor:
+    """[frames, SIZE, SIZE] bool: the pixels lighter than WAKE_MIN in every channel, which only a wake is."""
+    return frames.amin(1) > WAKE_MIN
+
+
 def object_weights(frames: Tensor, colour: str) -> Tensor:
     """[frames, SIZE, SIZE] weight in [0, 1]: how much of each pixel is the object of ``colour`` (module
     docstring). Another named colour weighs 0: it is never half-way from a background to ``colour`` (the named
     colours are at least 0.68 apart in RGB, every background within 1.15 of each), so it has no core."""
     frames = _clip(frames)
     distance = (frames - _colour(colour)[None, :, None, None]).norm(dim=1)            # [frames, H, W]
-    wake = frames.amin(1) > WAKE_MIN                      # not background: left out of the median that stands for it
+    wake = wake_pixels(frames)                            # not background: left out of the median that stands for it
     background = distance.masked_fill(wake, float("nan")).flatten(1).nanmedian(1).values
     background = background.nan_to_num(MIN_CONTRAST).clamp_min(MIN_CONTRAST)
     weight = (1 - distance / background[:, None, None]).clamp(0.0, 1.0)
@@ -147,7 +152,7 @@ def wake_behind(clip: Tensor, result: Track, direction: str) -> float:
     """Share of a clip's frames that show the prompted motion in the one frame: the object is found and its wake
     (at least MIN_WAKE pixels lighter in every channel than WAKE_MIN) lies, by its centroid's offset from the
     object, nearest the compass direction opposite ``direction``."""
-    white, grid = clip.amin(1) > WAKE_MIN, torch.arange(SIZE, dtype=torch.float32) + 0.5
+    white, grid = wake_pixels(clip), torch.arange(SIZE, dtype=torch.float32) + 0.5
     right = 0
     for frame, (x, y) in enumerate(result.positions.tolist()):
         ys, xs = torch.nonzero(white[frame], as_tuple=True)
@@ -251,7 +256,7 @@ def frame_shifts(clip: Tensor, ignore_colour: str | None = None) -> Tensor:
     clip = _clip(clip, min_frames=2).double()
     valid = torch.ones(clip.shape[0], 1, SIZE, SIZE, dtype=torch.float64)
     if ignore_colour is not None:
-        moving = object_weights(clip, ignore_colour) + (clip.amin(1) > WAKE_MIN).double()
+        moving = object_weights(clip, ignore_colour) + wake_pixels(clip).double()
         near = F.max_pool2d(F.pad(moving[:, None], (1, 1, 1, 1), mode="circular"), 3, 1)
         valid = (near == 0).double()
     a, va, b, vb = clip[:-1], valid[:-1], clip[1:], valid[1:]
