@@ -3,6 +3,7 @@ ComfyUI's custom_nodes), and the host tree (COMFYUI_DIR, default .host/ComfyUI) 
 import os
 import sys
 import types
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,18 @@ sys.path.insert(0, str(ROOT / "tests"))  # shared test helpers (unets.py)
 _pkg = types.ModuleType("adm")
 _pkg.__path__ = [str(ROOT)]
 sys.modules.setdefault("adm", _pkg)
+
+
+@contextmanager
+def removed_afterwards(*paths):
+    """Stand-ins that one test module needs (about 1 GB each) are deleted when it ends: kept all session, they
+    made CI's disk overflow (7 GB of random weights beside a 6 GB venv). Only the SD1.5 checkpoint and the v2
+    module, which every module uses, stay cached across runs."""
+    try:
+        yield
+    finally:
+        for path in paths:
+            path.unlink(missing_ok=True)
 
 
 class _RootIsNotATestPackage:

@@ -18,7 +18,7 @@ from adm.motion_modules import LAYOUTS
 from adm.motion_modules.camera_ctrl import CameraCtrl, CameraCtrlConfig
 from adm.motion_modules.temporal_transformer import sinusoidal_encoding
 from adm.video import read_video
-from conftest import ROOT
+from conftest import ROOT, removed_afterwards
 
 pytestmark = pytest.mark.e2e
 API, UI = ROOT / "api_workflows", ROOT / "example_workflows"
@@ -65,9 +65,10 @@ def camera_ctrl_file(path):
 @pytest.fixture(scope="module")
 def server(e2e_server, e2e_models):
     folder = e2e_models / "animatediff_models"  # where Load CameraCtrl reads from, as Load Motion Module
-    v3_module_file(folder / MOTION_MODULE, folder / V3_MODULE)
-    camera_ctrl_file(folder / CAMERA_CTRL)
-    return e2e_server
+    with removed_afterwards(folder / V3_MODULE, folder / CAMERA_CTRL):
+        v3_module_file(folder / MOTION_MODULE, folder / V3_MODULE)
+        camera_ctrl_file(folder / CAMERA_CTRL)
+        yield e2e_server
 
 
 def workflow():

@@ -17,7 +17,7 @@ from adm.headless.convert import ui_to_api
 from adm.headless.demo_models import CHECKPOINT, LABEL, MOTION_MODULE, _random_like
 from adm.motion_modules import LAYOUTS, MotionModule, published_state_dict
 from adm.video import read_video
-from conftest import ROOT
+from conftest import ROOT, removed_afterwards
 
 pytestmark = pytest.mark.e2e
 API, UI = ROOT / "api_workflows", ROOT / "example_workflows"
@@ -48,9 +48,10 @@ def image_to_video_file(family, v2_path, path):
 @pytest.fixture(scope="module")
 def server(e2e_server, e2e_models):
     folder = e2e_models / "animatediff_models"
-    for family, name in FILES.items():
-        image_to_video_file(family, folder / MOTION_MODULE, folder / name)
-    return e2e_server
+    with removed_afterwards(*(folder / name for name in FILES.values())):
+        for family, name in FILES.items():
+            image_to_video_file(family, folder / MOTION_MODULE, folder / name)
+        yield e2e_server
 
 
 def start_image(folder, seed):

@@ -12,7 +12,7 @@ from adm.headless.client import run_workflow
 from adm.headless.demo_models import CHECKPOINT, LABEL, MOTION_MODULE
 from adm.motion_modules.sparse_ctrl import RGB, SparseCtrlConfig, SparseCtrlModel
 from adm.video import read_video
-from conftest import ROOT
+from conftest import ROOT, removed_afterwards
 
 pytestmark = pytest.mark.e2e
 SPARSE_CTRL = "RANDOM-WEIGHTS_v3_sd15_sparsectrl_rgb_for-testing.safetensors"
@@ -49,11 +49,12 @@ def server(e2e_server, e2e_models, e2e_dirs):
     and two keyframe images."""
     controlnets = e2e_models / "controlnet"
     controlnets.mkdir(exist_ok=True)
-    if not (controlnets / SPARSE_CTRL).exists():
-        random_sparse_ctrl(controlnets / SPARSE_CTRL)
-    for name, colour in (("sparsectrl_first.png", (200, 40, 40)), ("sparsectrl_last.png", (40, 40, 200))):
-        Image.new("RGB", (64, 64), colour).save(e2e_dirs["input"] / name)
-    return e2e_server
+    with removed_afterwards(controlnets / SPARSE_CTRL):
+        if not (controlnets / SPARSE_CTRL).exists():
+            random_sparse_ctrl(controlnets / SPARSE_CTRL)
+        for name, colour in (("sparsectrl_first.png", (200, 40, 40)), ("sparsectrl_last.png", (40, 40, 200))):
+            Image.new("RGB", (64, 64), colour).save(e2e_dirs["input"] / name)
+        yield e2e_server
 
 
 def run(server, out_dir, overrides=()):
