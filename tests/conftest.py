@@ -41,6 +41,15 @@ def removed_afterwards(*paths):
             path.unlink(missing_ok=True)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_host_filename_cache(monkeypatch):
+    """Each test starts with an empty host file-list cache: tests point the host's model folders at their own
+    tmp_path, and a cached list that names a deleted folder makes folder_paths.cached_filename_list_ raise
+    (it calls os.path.getmtime on every cached folder)."""
+    import folder_paths
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+
+
 class _RootIsNotATestPackage:
     """pytest would collect the repository root as a test package (it has an ``__init__.py``) and import that
     file as a module named after the checkout's folder: with a folder name that is not an identifier
