@@ -32,7 +32,7 @@ sys.modules.setdefault("adm", _pkg)
 @contextmanager
 def removed_afterwards(*paths):
     """Stand-ins that one test module needs (about 1 GB each) are deleted when it ends: kept all session, they
-    made CI's disk overflow (7 GB of random weights beside a 6 GB venv). Only the SD1.5 checkpoint and the v2
+    made CI's disk overflow (7 GB of random weights beside a 6 GB venv). The SD1.5 checkpoint and the v2
     module, which every module uses, stay cached across runs."""
     try:
         yield
