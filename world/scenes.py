@@ -19,8 +19,10 @@ the frozen image model's features):
   did not learn in 1250 steps; framed, it learns where the wake goes (BENCHMARKS.md, the small world).
 Captions are plain templates, e.g. "a red square moving left slowly on a striped background" (clips, and a share
 of the stills: snapshots of a moving object, wake and all) or "a red square on a striped background" (a still
-object, no wake). The base world uses grey backgrounds; "ocean" (a cyan-to-navy gradient) is the personalized
-domain: no base image ever shows it.
+object, no wake). The base world's backgrounds are grey patterns and muted colour gradients, light on each of the
+four sides: the motion module must learn motion apart from where a background is light (trained on grey patterns
+only, it read "down" as "up" over the ocean, toward its light top). "ocean" (a cyan-to-navy gradient) is the
+personalized domain: no base image ever shows it, nor anything near its colours.
 """
 from __future__ import annotations
 
@@ -35,7 +37,13 @@ OBJECT_RADIUS = 4.0            # half the side of a square, in pixels
 COLOURS = {"red": (0.90, 0.16, 0.16), "green": (0.16, 0.78, 0.24), "yellow": (0.92, 0.84, 0.16),
            "magenta": (0.86, 0.20, 0.86)}
 SHAPES = ("square", "circle", "diamond")
-BASE_BACKGROUNDS = ("plain", "striped", "checked")
+# graded backgrounds: (light colour, dark colour, the side that is light), with soft waves across the gradient
+GRADIENTS = {"sand": ((0.52, 0.45, 0.34), (0.24, 0.20, 0.13), "top"),
+             "dusk": ((0.50, 0.42, 0.55), (0.20, 0.14, 0.20), "bottom"),
+             "fog": ((0.55, 0.55, 0.55), (0.20, 0.20, 0.20), "left"),
+             "clay": ((0.50, 0.34, 0.32), (0.22, 0.12, 0.12), "right"),
+             "ocean": ((0.30, 0.80, 0.85), (0.08, 0.12, 0.45), "top")}
+BASE_BACKGROUNDS = ("plain", "striped", "checked", "sand", "dusk", "fog", "clay")
 PERSONAL_BACKGROUND = "ocean"
 DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
 SPEEDS = {"slowly": 0.5, "quickly": 1.0}   # pixels per frame
@@ -44,7 +52,7 @@ PAN_SPEED = 1.0
 FRAMING = 2.0                        # the subject's start lies within this many pixels of the centre, each axis
 WAKE_FRAMES, WAKE_OPACITY = 12, 0.8  # the wake covers the object's last twelve positions (6 px slow, 12 px quick)
 WAKE_COLOUR = (0.95, 0.95, 0.95)     # far from every named colour and background, so trackers can tell it apart
-RENDERING = 2  # bumped whenever images change, so that models trained on the older ones are not reused
+RENDERING = 3  # bumped whenever images change, so that models trained on the older ones are not reused
 
 
 @dataclass(frozen=True)
@@ -81,10 +89,10 @@ class Scene:
         start = torch.tensor(self.start, dtype=torch.float64)
         return ((start + t * torch.tensor([vx + cx, vy + cy], dtype=torch.float64)) % SIZE).float()
 
-    def caption(self, with_motion: bool | None = None) -> str:
-        """The prompt for this scene; ``with_motion`` False leaves the motion words out (a still's caption)."""
+    def caption(self) -> str:
+        """The prompt for this scene: motion words for a moving object only."""
         thing = f"a {self.colour} {self.shape}"
-        if self.direction is not None and with_motion is not False:
+        if self.direction is not None:
             thing += f" moving {self.direction} {self.speed}"
         article = "an" if self.background[0] in "aeiou" else "a"
         return f"{thing} on {article} {self.background} background"  # a pan is the LoRA's to make, not the prompt's
@@ -116,10 +124,12 @@ def background(kind: str, offset: tuple[float, float] = (0.0, 0.0), phase: float
         grey = 0.25 + 0.2 * (torch.sin(2 * math.pi * x / 8.0) > 0).float().expand(SIZE, SIZE)
     elif kind == "checked":
         grey = 0.25 + 0.2 * (((x // 8) + (y // 8)) % 2).float()
-    elif kind == PERSONAL_BACKGROUND:  # cyan at the top to navy at the bottom, with soft horizontal waves
-        t = ((y + 2.0 * torch.sin(2 * math.pi * x / 16.0)) / SIZE).clamp(0, 1).expand(SIZE, SIZE)
-        top, bottom = torch.tensor([0.30, 0.80, 0.85]), torch.tensor([0.08, 0.12, 0.45])
-        return top[:, None, None] * (1 - t) + bottom[:, None, None] * t
+    elif kind in GRADIENTS:
+        light, dark, side = GRADIENTS[kind]
+        along, across = (y, x) if side in ("top", "bottom") else (x, y)
+        t = ((along + 2.0 * torch.sin(2 * math.pi * across / 16.0)) / SIZE).clamp(0, 1).expand(SIZE, SIZE)
+        t = 1 - t if side in ("bottom", "right") else t         # t: 0 on the light side, 1 on the dark one
+        return torch.tensor(light)[:, None, None] * (1 - t) + torch.tensor(dark)[:, None, None] * t
     else:
         raise ValueError(f"unknown background {kind!r}; one of {BASE_BACKGROUNDS + (PERSONAL_BACKGROUND,)}")
     return grey.expand(3, SIZE, SIZE).clone()

@@ -3,7 +3,7 @@
 Stages (each model is cached in ``<out>/models`` beside a ``<name>.json`` of the settings it was made with,
 its own and those of the models it is trained from, so a rerun, or a run that was stopped, trains only what
 changed):
-1. base: the text-to-image model on captioned stills of the base world (grey backgrounds);
+1. base: the text-to-image model on captioned stills of the base world (grey patterns, muted gradients);
 2. personalized: the base fine-tuned on ocean stills only (a background the base never saw);
 3. motion module: trained on the base (frozen) with clips, training/loop.py;
 4. motion LoRA: the module adapted to one camera move (pan left) with clips of that pan.
@@ -31,15 +31,15 @@ from . import measure, models, motion, scenes
 
 @dataclass(frozen=True)
 class Settings:
-    base_steps: int = 1000        # image batches for the base
+    base_steps: int = 2000        # image batches for the base
     personal_steps: int = 250     # image batches for the personalized fine-tune
     image_batch: int = 32
-    motion_steps: int = 1500      # clip batches for the motion module
+    motion_steps: int = 3000      # clip batches for the motion module
     motion_lr: float = 1e-3
     lora_steps: int = 450         # clip batches for the camera LoRA
     lora_lr: float = 2e-3
     clip_batch: int = 2
-    table_clips: int = 16         # clips per table row (a multiple of 8: every direction x speed equally)
+    table_clips: int = 32         # clips per table row (a multiple of 8: every direction x speed equally)
     feature_clips: int = 8        # clips per feature row
     long_frames: int = 64         # the context-window clip
     sample_steps: int = 20

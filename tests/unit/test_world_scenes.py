@@ -1,5 +1,5 @@
 """The small world's renderer (world/scenes.py): deterministic by seed, a torus (positions and pans wrap),
-captions with and without motion words, and clear refusals."""
+captions with and without motion words, backgrounds light on every side, and clear refusals."""
 import pytest
 import torch
 
@@ -27,12 +27,11 @@ def test_positions_wrap_around_the_torus():
     assert mask.sum() == pytest.approx(scenes.object_mask("square", 16.0, 16.0).sum())
 
 
-def test_captions_name_the_motion_only_when_asked():
+def test_captions_name_the_motion_of_moving_objects_only():
     scene = scenes.Scene("red", "square", "striped", start=(3.0, 3.0), direction="left", speed="slowly")
     assert scene.caption() == "a red square moving left slowly on a striped background"
-    assert scene.caption(with_motion=False) == "a red square on a striped background"
     still = scenes.Scene("green", "circle", "plain", start=(3.0, 3.0))
-    assert still.caption(with_motion=True) == "a green circle on a plain background"
+    assert still.caption() == "a green circle on a plain background"
     assert all("moving" not in c for c in scenes.image_batch(0, 20, motion_words=0.0)[1])
     assert all(" moving " in c for c in scenes.image_batch(0, 20, motion_words=1.0)[1])
     # a still captioned without motion words shows no wake: only the object's colour and the background's greys
@@ -79,8 +78,24 @@ def test_a_pan_rolls_the_whole_frame(pan, step):
 
 
 def test_the_personalized_background_is_never_a_base_one_and_unknown_ones_are_refused():
-    ocean = scenes.background("ocean")
-    assert ocean[2].mean() > ocean[0].mean() + 0.2                      # blue, where every base one is grey
-    assert all(torch.equal(scenes.background(b)[0], scenes.background(b)[2]) for b in scenes.BASE_BACKGROUNDS)
+    ocean = scenes.background("ocean").flatten(1).T                     # [pixels, 3]
+    for kind in scenes.BASE_BACKGROUNDS:                                  # no base pixel comes near an ocean one
+        assert torch.cdist(scenes.background(kind).flatten(1).T, ocean).min() > 0.25, kind
     with pytest.raises(ValueError, match="unknown background 'sea'.*ocean"):
         scenes.background("sea")
+
+
+def test_base_gradients_are_light_on_each_of_the_four_sides():
+    # so that the motion module sees every direction of motion over every direction of light (module docstring)
+    def light_side(kind):
+        brightness = scenes.background(kind).mean(0)                      # [y, x]
+        rows, cols = brightness.mean(1), brightness.mean(0)
+        sides = {"top": rows[:8].mean() - rows[-8:].mean(), "bottom": rows[-8:].mean() - rows[:8].mean(),
+                 "left": cols[:8].mean() - cols[-8:].mean(), "right": cols[-8:].mean() - cols[:8].mean()}
+        return max(sides, key=sides.get)
+    graded = [kind for kind in scenes.BASE_BACKGROUNDS if kind in scenes.GRADIENTS]
+    assert sorted(map(light_side, graded)) == ["bottom", "left", "right", "top"]
+    assert light_side("ocean") == "top"
+    # nothing in any background is as light as a wake in every channel, so the tracker never reads one as wake
+    assert all(not measure.wake_pixels(scenes.background(kind)[None]).any()
+               for kind in scenes.BASE_BACKGROUNDS + (scenes.PERSONAL_BACKGROUND,))
