@@ -2,7 +2,7 @@
 
 Trains the world's text-to-image base, its personalized fine-tune, a motion module and a camera-move motion
 LoRA (world/study.py), then samples and measures the paper's table and the quality-feature rows, and writes
-``study.md``, ``study.json`` and GIFs into ``--out``. About an hour on 2 CPU cores; ``--mini`` runs a few steps
+``study.md``, ``study.json`` and GIFs into ``--out``. About 85 minutes on 2 CPU cores; ``--mini`` runs a few steps
 of everything (minutes) to check the pipeline, not the figures. Models are cached in ``<out>/models``, so a
 stopped run picks up where it was.
 """
