@@ -163,6 +163,11 @@ Batches = Callable[[int], tuple[torch.Tensor, list[str]]]  # step -> (pixels [n,
 Progress = Callable[[int, int, float], None]
 
 
+def warmup_cosine(learning_rate: float, step: int, steps: int, warmup: int) -> float:
+    """The learning rate at ``step``: a linear warmup over ``warmup`` steps, then cosine down to a tenth."""
+    return learning_rate * min(1.0, (step + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
+
+
 def train_images(patcher, text: TextEncoder, batches: Batches, steps: int, learning_rate: float = 1e-3,
                  train_text: bool = True, ema_decay: float = 0.999, drop_caption: float = 0.1, seed: int = 0,
                  progress: Progress | None = None) -> list[float]:
@@ -192,8 +197,8 @@ def train_images(patcher, text: TextEncoder, batches: Batches, steps: int, learn
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        for group in optimizer.param_groups:  # warmup, then cosine to a tenth
-            group["lr"] = learning_rate * min(1.0, (step + 1) / 100) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
+        for group in optimizer.param_groups:
+            group["lr"] = warmup_cosine(learning_rate, step, steps, warmup=100)
         optimizer.step()
         for part, average in zip(parts, averages):
             average.update(part, step)
@@ -214,13 +219,18 @@ def fine_tuned(patcher) -> comfy.model_patcher.ModelPatcher:
 # ------------------------------------------------------------------------------------------------ sampling
 
 def sample(patcher, text: TextEncoder, captions: list[str], frames: int, seed: int, steps: int = 20,
-           cfg: float = 4.0, sampler: str = "euler", scheduler: str = "normal", negative: str = "") -> torch.Tensor:
+           cfg: float = 4.0, sampler: str = "euler", scheduler: str = "normal", negative: str = "",
+           control=None) -> torch.Tensor:
     """Sample one clip of ``frames`` frames through the host's KSampler path, whatever ``patcher`` carries
-    (motion module, context windows, FreeInit...): ``captions`` is one prompt or one per frame. Returns
-    [frames, 3, H, W] pixels in [0, 1]."""
+    (motion module, context windows, FreeInit...): ``captions`` is one prompt or one per frame; ``control``,
+    if given, takes the positive and negative conditioning and returns them with a ControlNet attached.
+    Returns [frames, 3, H, W] pixels in [0, 1]."""
     shape = (frames, WorldLatent.latent_channels, LATENT_SIZE, LATENT_SIZE)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     latent = torch.zeros(shape)
-    out = comfy.sample.sample(patcher, noise, steps, cfg, sampler, scheduler, conditioning(text, captions),
-                              conditioning(text, [negative]), latent, disable_pbar=True, seed=seed)
+    positive, negative = conditioning(text, captions), conditioning(text, [negative])
+    if control is not None:
+        positive, negative = control(positive, negative)
+    out = comfy.sample.sample(patcher, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
+                              disable_pbar=True, seed=seed)
     return to_pixels(out.float())  # the host has already taken it out of the model's latent scaling

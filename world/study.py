@@ -6,7 +6,9 @@ changed):
 1. base: the text-to-image model on captioned stills of the base world (grey patterns, muted gradients);
 2. personalized: the base fine-tuned on ocean stills only (a background the base never saw);
 3. motion module: trained on the base (frozen) with clips, training/loop.py;
-4. motion LoRA: the module adapted to one camera move (pan left) with clips of that pan.
+4. motion LoRA: the module adapted to one camera move (pan left) with clips of that pan;
+5. SparseCtrl (rgb): trained on the base and the module (both frozen) with keyframes given on random frames
+   (world/keyframes.py).
 Then every row samples clips through the host's KSampler with the extension's own patching, measures them
 (world/measure.py) and writes ``study.json``, ``study.md`` (the tables) and GIFs into ``<out>``.
 """
@@ -26,7 +28,8 @@ import torch
 from ..model_patcher.context_windows import apply_context_windows, make_handler
 from ..model_patcher.free_init import add_free_init
 from ..video.encode import write_video
-from . import measure, models, motion, scenes
+from ..model_patcher.sparse_ctrl import load_sparse_ctrl
+from . import keyframes, measure, models, motion, scenes
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class Settings:
     motion_lr: float = 1e-3
     lora_steps: int = 450         # clip batches for the camera LoRA
     lora_lr: float = 2e-3
+    sparse_ctrl_steps: int = 600  # clip batches for the SparseCtrl
+    sparse_ctrl_lr: float = 2e-3
     clip_batch: int = 2
     table_clips: int = 32         # clips per table row (a multiple of 8: every direction x speed equally)
     feature_clips: int = 8        # clips per feature row
@@ -52,12 +57,14 @@ class Settings:
                 "image_batch": self.image_batch}
         module = base | {"motion_steps": self.motion_steps, "motion_lr": self.motion_lr, "clip_batch": self.clip_batch}
         return {BASE: base, PERSONAL: base | {"personal_steps": self.personal_steps}, MODULE: module,
-                LORA: module | {"lora_steps": self.lora_steps, "lora_lr": self.lora_lr}}
+                LORA: module | {"lora_steps": self.lora_steps, "lora_lr": self.lora_lr},
+                SPARSE_CTRL: module | {"sparse_ctrl_steps": self.sparse_ctrl_steps, "sparse_ctrl_lr": self.sparse_ctrl_lr}}
 
 
 BASE, PERSONAL, MODULE, LORA = "base.pt", "personal.pt", "world_mm_v2.safetensors", "world_pan_left_lora.safetensors"
+SPARSE_CTRL = "world_sparsectrl_rgb.safetensors"
 FULL = Settings()
-MINI = Settings(base_steps=3, personal_steps=2, image_batch=4, motion_steps=2, lora_steps=2, table_clips=2,
+MINI = Settings(base_steps=3, personal_steps=2, image_batch=4, motion_steps=2, lora_steps=2, sparse_ctrl_steps=2, table_clips=2,
                 feature_clips=2, long_frames=24, sample_steps=2)
 
 Log = Callable[[str], None]
@@ -72,6 +79,7 @@ class World:
     text: models.TextEncoder
     module: Path
     lora: Path
+    sparse_ctrl: Path
     seconds: dict
 
 
@@ -133,7 +141,15 @@ def build_world(out: Path, settings: Settings, log: Log, bar) -> World:
                               progress=bar("motion LoRA (pan left)"))
         stamp(LORA)
     seconds["motion LoRA"] = time.perf_counter() - started
-    return World(base, personal, text, folder / MODULE, folder / LORA, seconds)
+
+    started = time.perf_counter()
+    if not cached(SPARSE_CTRL):
+        keyframes.train_sparse_ctrl(base, text, folder / MODULE, folder / SPARSE_CTRL, s.sparse_ctrl_steps,
+                                    batch_size=s.clip_batch, learning_rate=s.sparse_ctrl_lr, seed=s.seed + 3,
+                                    progress=bar("SparseCtrl (rgb)"))
+        stamp(SPARSE_CTRL)
+    seconds["SparseCtrl"] = time.perf_counter() - started
+    return World(base, personal, text, folder / MODULE, folder / LORA, folder / SPARSE_CTRL, seconds)
 
 
 def _save(path: Path, patcher, text=None) -> None:
@@ -200,7 +216,7 @@ def run(out: Path, settings: Settings = FULL, log: Log = print, bar=None) -> dic
     world = build_world(out, settings, log, bar)
     s = settings
     n_table, n_feat = s.table_clips, s.feature_clips
-    clips_to_sample = 4 * n_table + 10 * n_feat + n_long(n_feat)  # see _features
+    clips_to_sample = 4 * n_table + 11 * n_feat + 3 * n_long(n_feat)  # see _features
     progress = bar("sampling") or (lambda *a: None)
     done = [0]
 
@@ -302,8 +318,44 @@ def _features(world, sampler, base_mm, scene_list, classifier, gifs, tick, log) 
     rows["prompt travel (red -> green at frame 8)"] = {
         "with": _colour_match(travelled, expected), "without": _colour_match(single, expected)}
     gifs["prompt travel"] = travelled[:4]
+
+    # SparseCtrl: one keyframe image per clip, at frame 0, 5, 10 or 15 in turn, against the same seed without;
+    # and a 48-frame clip in context windows of 16 with its keyframe at frame 40 (the last window).
+    control = load_sparse_ctrl(world.sparse_ctrl)
+    given, shown = [], []
+    for i, scene in enumerate(scene_list):
+        k = KEYFRAMES_AT[i % len(KEYFRAMES_AT)]
+        image, position = keyframes.keyframe(scene, k, motion.FRAMES)
+        clip = models.sample(base_mm, world.text, [scene.caption()], motion.FRAMES, seed=s.seed * 7919 + i,
+                             steps=s.sample_steps, cfg=s.cfg,
+                             control=keyframes.keyframes_given(base_mm, control, {k: image}, motion.FRAMES))
+        tick()
+        given.append(keyframes.scores(clip, plain[i], image, position, k, scene.colour))
+        shown.append(clip)
+    windowed, k, windows = [], LONG_KEYFRAME_AT, apply_context_windows(base_mm, long)
+    for i, scene in enumerate(long_scenes):
+        image, position = keyframes.keyframe(scene, k, LONG_KEYFRAME_CLIP)
+        clips = [models.sample(windows, world.text, [scene.caption()], LONG_KEYFRAME_CLIP, seed=s.seed * 7919 + i,
+                               steps=s.sample_steps, cfg=s.cfg, control=control_for)
+                 for control_for in (keyframes.keyframes_given(base_mm, control, {k: image}, LONG_KEYFRAME_CLIP), None)]
+        tick()
+        tick()
+        windowed.append(keyframes.scores(*clips, image, position, k, scene.colour))
+    gifs["SparseCtrl keyframe"] = torch.stack(shown[:4])
+    rows["SparseCtrl keyframe (frame 0/5/10/15)"] = _averaged(given)
+    rows[f"SparseCtrl keyframe at {k} of {LONG_KEYFRAME_CLIP} frames, windows 16/4"] = _averaged(windowed)
     log("features: " + json.dumps(_rounded(rows)))
     return rows
+
+
+KEYFRAMES_AT = (0, 5, 10, 15)
+LONG_KEYFRAME_CLIP, LONG_KEYFRAME_AT = 48, 40
+
+
+def _averaged(rows: list[dict]) -> dict:
+    """The mean of each number over rows of the same nested keys."""
+    return {k: _averaged([r[k] for r in rows]) if isinstance(v, dict) else _mean(r[k] for r in rows)
+            for k, v in rows[0].items()}
 
 
 def n_long(feature_clips: int) -> int:
@@ -383,4 +435,10 @@ def markdown(results: dict) -> str:
     travel = f["prompt travel (red -> green at frame 8)"]
     lines.append(f"| prompt travel red -> green at frame 8 | frames showing the scheduled colour | "
                  f"{travel['with']:.2f} | {travel['without']:.2f} (red throughout) |")
+    for name, r in f.items():
+        if name.startswith("SparseCtrl"):
+            lines.append(f"| {name} | frame k: distance to the keyframe (ratio with / without), object's distance "
+                         f"from the keyframe's px; pull toward the keyframe at k / at frames {keyframes.FAR}+ away | "
+                         f"{r['distance_ratio']:.2f}, {r['object_error_px']['with']:.1f} px; {r['pull_at_keyframe']:.3f} / "
+                         f"{r['pull_far']:.3f} | 1, {r['object_error_px']['without']:.1f} px |")
     return "\n".join(lines) + "\n"

@@ -31,14 +31,17 @@ def test_mini_study_measures_every_row_and_writes_its_files(tmp_path):
     for row in results["table"].values():
         assert {"direction_accuracy", "cosine", "speed_ratio", "appearance_change", "ocean_share"} <= set(row)
     assert {"context windows (64 frames, 16/4)", "FreeInit (2 iterations)", "motion LoRA pan left", "motion scale",
-            "GroupNorm across frames", "prompt travel (red -> green at frame 8)"} == set(results["features"])
+            "GroupNorm across frames", "prompt travel (red -> green at frame 8)", "SparseCtrl keyframe (frame 0/5/10/15)",
+            "SparseCtrl keyframe at 40 of 48 frames, windows 16/4"} == set(results["features"])
+    keyframe = results["features"]["SparseCtrl keyframe (frame 0/5/10/15)"]
+    assert set(keyframe) == {"pull_at_keyframe", "pull_far", "distance_ratio", "object_error_px"}
     assert set(results["features"]["motion scale"]) == {"0.0", "0.5", "1.0", "1.5"}
     bad = [(where, v) for where, v in _numbers(results) if not math.isfinite(v)]
     assert not bad, f"metrics that are not numbers: {bad}"
 
     assert json.loads((tmp_path / "study.json").read_text())["table"].keys() == results["table"].keys()
     table = (tmp_path / "study.md").read_text()
-    assert "| personalized + module |" in table and "motion LoRA" in table
+    assert "| personalized + module |" in table and "motion LoRA" in table and "| SparseCtrl keyframe" in table
     gifs = sorted((tmp_path / "gifs").glob("*.gif"))
     assert len(gifs) >= 5
     frames, _ = read_video(gifs[0])
@@ -56,7 +59,7 @@ def test_mini_study_measures_every_row_and_writes_its_files(tmp_path):
     trained.clear()
     study.build_world(tmp_path, dataclasses.replace(study.MINI, base_steps=2), log=lambda text: None,
                       bar=lambda name: trained.append(name))
-    assert trained == ["base model", "personalized model", "motion module", "motion LoRA (pan left)"]
+    assert trained == ["base model", "personalized model", "motion module", "motion LoRA (pan left)", "SparseCtrl (rgb)"]
 
 
 def test_world_latents_decode_exactly_and_captions_tokenize():
