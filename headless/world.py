@@ -1,10 +1,10 @@
 """``python -m headless world``: the small world of issue 15, in this process on the host's own code.
 
-Trains the world's text-to-image base, its personalized fine-tune, a motion module and a camera-move motion
-LoRA (world/study.py), then samples and measures the paper's table and the quality-feature rows, and writes
-``study.md``, ``study.json`` and GIFs into ``--out``. About 85 minutes on 2 CPU cores; ``--mini`` runs a few steps
-of everything (minutes) to check the pipeline, not the figures. Models are cached in ``<out>/models``, so a
-stopped run picks up where it was.
+Trains the world's text-to-image base, its personalized fine-tune, a motion module, a camera-move motion
+LoRA and an rgb SparseCtrl (world/study.py), then samples and measures the paper's table and the quality-feature
+rows, and writes ``study.md``, ``study.json`` and GIFs into ``--out``. About 85 minutes on 2 CPU cores before the
+SparseCtrl stage (400 steps, 1.2 s each); ``--mini`` runs a few steps of everything (minutes) to check the
+pipeline, not the figures. Models are cached in ``<out>/models``, so a stopped run picks up where it was.
 """
 from __future__ import annotations
 

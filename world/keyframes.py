@@ -1,7 +1,7 @@
 """Keyframe images in the world (issue 13): a small SparseCtrl (rgb) trained on the world's clips, and what
 samples and measures it.
 
-SparseCtrl's recipe (Guo et al., 2023, arXiv:2311.16933, §3.3): the text-to-video model, image model and motion
+SparseCtrl's recipe (Guo et al., 2023, arXiv:2311.16933): the text-to-video model, image model and motion
 module, stays frozen; the sparse condition encoder, initialised from the image UNet's down half (as ControlNets
 are) with zero output convolutions, learns to denoise clips given the clean latent on a random few frames and a
 mask saying which. The model is the extension's own SparseCtrlModel at the world's widths, saved in the

@@ -27,8 +27,8 @@ import torch
 
 from ..model_patcher.context_windows import apply_context_windows, make_handler
 from ..model_patcher.free_init import add_free_init
-from ..video.encode import write_video
 from ..model_patcher.sparse_ctrl import load_sparse_ctrl
+from ..video.encode import write_video
 from . import keyframes, measure, models, motion, scenes
 
 
@@ -41,7 +41,7 @@ class Settings:
     motion_lr: float = 1e-3
     lora_steps: int = 450         # clip batches for the camera LoRA
     lora_lr: float = 2e-3
-    sparse_ctrl_steps: int = 600  # clip batches for the SparseCtrl
+    sparse_ctrl_steps: int = 400  # clip batches for the SparseCtrl
     sparse_ctrl_lr: float = 2e-3
     clip_batch: int = 2
     table_clips: int = 32         # clips per table row (a multiple of 8: every direction x speed equally)
@@ -64,8 +64,8 @@ class Settings:
 BASE, PERSONAL, MODULE, LORA = "base.pt", "personal.pt", "world_mm_v2.safetensors", "world_pan_left_lora.safetensors"
 SPARSE_CTRL = "world_sparsectrl_rgb.safetensors"
 FULL = Settings()
-MINI = Settings(base_steps=3, personal_steps=2, image_batch=4, motion_steps=2, lora_steps=2, sparse_ctrl_steps=2, table_clips=2,
-                feature_clips=2, long_frames=24, sample_steps=2)
+MINI = Settings(base_steps=3, personal_steps=2, image_batch=4, motion_steps=2, lora_steps=2, sparse_ctrl_steps=2,
+                table_clips=2, feature_clips=2, long_frames=24, sample_steps=2)
 
 Log = Callable[[str], None]
 
@@ -335,12 +335,13 @@ def _features(world, sampler, base_mm, scene_list, classifier, gifs, tick, log) 
     windowed, k, windows = [], LONG_KEYFRAME_AT, apply_context_windows(base_mm, long)
     for i, scene in enumerate(long_scenes):
         image, position = keyframes.keyframe(scene, k, LONG_KEYFRAME_CLIP)
-        clips = [models.sample(windows, world.text, [scene.caption()], LONG_KEYFRAME_CLIP, seed=s.seed * 7919 + i,
-                               steps=s.sample_steps, cfg=s.cfg, control=control_for)
-                 for control_for in (keyframes.keyframes_given(base_mm, control, {k: image}, LONG_KEYFRAME_CLIP), None)]
-        tick()
-        tick()
-        windowed.append(keyframes.scores(*clips, image, position, k, scene.colour))
+        with_and_without = []
+        for hook in (keyframes.keyframes_given(base_mm, control, {k: image}, LONG_KEYFRAME_CLIP), None):
+            with_and_without.append(models.sample(windows, world.text, [scene.caption()], LONG_KEYFRAME_CLIP,
+                                                  seed=s.seed * 7919 + i, steps=s.sample_steps, cfg=s.cfg,
+                                                  control=hook))
+            tick()
+        windowed.append(keyframes.scores(*with_and_without, image, position, k, scene.colour))
     gifs["SparseCtrl keyframe"] = torch.stack(shown[:4])
     rows["SparseCtrl keyframe (frame 0/5/10/15)"] = _averaged(given)
     rows[f"SparseCtrl keyframe at {k} of {LONG_KEYFRAME_CLIP} frames, windows 16/4"] = _averaged(windowed)
