@@ -1,7 +1,8 @@
 """Issue 13's "a keyframe given at frame k conditions frame k", with trained weights: a small SparseCtrl (rgb)
 trained here, in minutes, on a briefly trained world base and a motion module, through world/keyframes.py; then
 loaded with Load SparseCtrl's loader and sampled through Apply SparseCtrl's path and the host's KSampler, alone
-and inside context windows on a 48-frame clip. The study's figures (longer training) are in BENCHMARKS.md."""
+and inside context windows on a 48-frame clip. Figures (this training on more clips; a stronger base) are in
+BENCHMARKS.md."""
 import hashlib
 
 import pytest
